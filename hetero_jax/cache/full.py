@@ -1,0 +1,49 @@
+"""Full KV: every head keeps every token on device. The reference every other policy is judged by."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from hetero_jax.attention import prefill_attention
+from hetero_jax.cache.base import Cache, CachePolicy, round_up, scatter_token
+from pallas_kernels import gather_attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class FullLayer:
+    k: jax.Array  # (B, Hkv, S, D): prompt rows then generated rows, per sequence
+    v: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FullKV(CachePolicy):
+    name: ClassVar[str] = "full"
+    prefill_chunk: int = 512
+
+    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
+        out = prefill_attention(q, k, v, self.prefill_chunk)
+        b, t, hkv, d = k.shape
+        cap = round_up(t + max_new_tokens, 128)
+        pad = [(0, 0), (0, 0), (0, cap - t), (0, 0)]
+        state = FullLayer(jnp.pad(k.transpose(0, 2, 1, 3), pad), jnp.pad(v.transpose(0, 2, 1, 3), pad))
+        return out, state
+
+    def decode_layer(self, layer, state: FullLayer, q, k, v, cache: Cache):
+        kbuf = scatter_token(state.k, cache.lengths, k)
+        vbuf = scatter_token(state.v, cache.lengths, v)
+        b, hkv, s, d = kbuf.shape
+        lengths = jnp.broadcast_to((cache.lengths + 1)[:, None], (b, hkv)).astype(jnp.int32)
+        out = gather_attention(
+            q.reshape(b, hkv, -1, d),
+            kbuf.reshape(b, hkv * s, d),  # free reshape: head h's rows start at h * s
+            vbuf.reshape(b, hkv * s, d),
+            lengths,
+            starts=tuple(h * s for h in range(hkv)),
+            capacity=(s,) * hkv,
+        )
+        return out.reshape(q.shape), FullLayer(kbuf, vbuf)

@@ -1,0 +1,104 @@
+"""Llama forward pass as pure functions: params pytree + tokens + cache in, logits + cache out.
+
+The model computes projections, RoPE, norms and the MLP; attention over stored context is the
+cache policy's business (``hetero_jax.cache.base``), so the model never knows which policy runs.
+Layers are unrolled over per-layer arrays (no ``lax.scan`` over a stacked cache, which copied
+the whole cache every decode step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from hetero_jax.attention import apply_rope, gather_rows, rope_inv_freq
+from hetero_jax.cache.base import Cache, CachePolicy
+from hetero_jax.config import LlamaConfig
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def _qkv(lp, x, positions, cfg: LlamaConfig, inv_freq):
+    """x: (..., hidden) -> post-RoPE q (..., Hq, D), k, v (..., Hkv, D)."""
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    lead = h.shape[:-1]
+    q = (h @ lp["wq"]).reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = (h @ lp["wk"]).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = (h @ lp["wv"]).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def _mlp_block(lp, x, cfg: LlamaConfig):
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    return x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+
+
+def _logits(params, x, cfg: LlamaConfig):
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return (x @ head).astype(jnp.float32)
+
+
+def prefill(
+    params,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    policy: CachePolicy,
+    max_new_tokens: int,
+    all_logits: bool = False,
+    progress=None,
+):
+    """Run the right-padded prompt ``tokens`` (B, T) through the model and build the cache.
+
+    Returns ``(logits, cache)``: logits (B, V) at each row's last real token, or (B, T, V) with
+    ``all_logits``. ``progress``, if given, is called with the layer index as each layer finishes
+    (through ``jax.debug.callback``: a progress bar without leaving jit).
+    """
+    b, t = tokens.shape
+    inv_freq = rope_inv_freq(cfg)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = params["embed"][tokens]
+    states = []
+    for i, lp in enumerate(params["layers"]):
+        q, k, v = _qkv(lp, x, positions, cfg, inv_freq)
+        out, state = policy.prefill_layer(i, q, k, v, lengths, max_new_tokens)
+        x = x + out.reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
+        x = _mlp_block(lp, x, cfg)
+        states.append(state)
+        if progress is not None:
+            jax.debug.callback(functools.partial(progress, i), x[0, 0, 0], ordered=True)
+    if not all_logits:
+        x = gather_rows(x, (lengths - 1)[:, None])[:, 0]
+    cache = Cache(layers=tuple(states), lengths=lengths.astype(jnp.int32), step=jnp.zeros((), jnp.int32))
+    return _logits(params, x, cfg), cache
+
+
+def decode_step(params, cache: Cache, tokens: jax.Array, *, cfg: LlamaConfig, policy: CachePolicy):
+    """One token per sequence (B,) at position ``cache.lengths`` -> (logits (B, V), new cache)."""
+    inv_freq = rope_inv_freq(cfg)
+    x = params["embed"][tokens]  # (B, hidden)
+    positions = cache.lengths
+    states = []
+    for i, lp in enumerate(params["layers"]):
+        q, k, v = _qkv(lp, x, positions, cfg, inv_freq)
+        out, state = policy.decode_layer(i, cache.layers[i], q, k, v, cache)
+        x = x + out.reshape(x.shape[0], -1).astype(x.dtype) @ lp["wo"]
+        x = _mlp_block(lp, x, cfg)
+        states.append(state)
+    new_cache = Cache(
+        layers=tuple(states),
+        lengths=cache.lengths + 1,
+        step=cache.step + 1,
+        extra=cache.extra,
+        host=cache.host,
+    )
+    return _logits(params, x, cfg), new_cache
