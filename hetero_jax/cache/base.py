@@ -69,6 +69,13 @@ class CachePolicy:
 
     name: ClassVar[str] = "base"
 
+    @classmethod
+    def create(cls, cfg, ratio: float | None = None, **options) -> "CachePolicy":
+        """Build from CLI-style options; policies that compress override this to use ``ratio``."""
+        if ratio not in (None, 1.0):
+            raise ValueError(f"cache policy {cls.name!r} keeps the full context; --ratio does not apply")
+        return cls(**options)
+
     def prefill_layer(self, layer: int, q, k, v, lengths, max_new_tokens: int):
         raise NotImplementedError
 
