@@ -153,13 +153,15 @@ def generate(
     pad_id: int = 0,
     check_every: int = 8,
     progress: bool | None = None,
+    step_times: bool = False,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt with the given cache policy (name or object).
 
     ``tokens``: one id list, a list of id lists of different lengths (a ragged batch), or an
     array. Sampling is deterministic for a given ``seed``. ``stop_tokens`` default to the
     config's eos ids. ``progress``: a bar for long prefills and decode (default: when stderr is a
-    terminal).
+    terminal). ``step_times`` blocks after every step to record each step's wall time in
+    ``timing["step_ms"]`` (benchmarks only: it serialises dispatch and compute).
     """
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -216,11 +218,16 @@ def generate(
 
             it = tqdm(it, desc="decode", unit="tok", leave=False)
         done_steps = 0
+        per_step = []
         for i in it:
+            ts = time.perf_counter()
             kv = policy.before_step(dataclasses.replace(kv_dev, host=host))
             host, kv_dev = kv.host, dataclasses.replace(kv, host=None)
             kv_dev, tok, done, out = compiled_step(params, kv_dev, tok, done, out, key)
             done_steps = i + 1
+            if step_times:
+                jax.block_until_ready((tok, kv_dev, host))
+                per_step.append(1000 * (time.perf_counter() - ts))
             if stop and (i + 1) % check_every == 0 and bool(np.asarray(done).all()):
                 break
         kv = dataclasses.replace(kv_dev, host=host)
@@ -229,6 +236,8 @@ def generate(
     timing["decode_s"] = decode_s
     timing["steps"] = done_steps if steps > 0 else 0
     timing["decode_ms_per_token"] = 1000 * decode_s / max(timing["steps"], 1)
+    if step_times and steps > 0:
+        timing["step_ms"] = per_step
 
     out_np = np.asarray(out)
     gen = []

@@ -1,0 +1,252 @@
+"""Decode speed and memory per cache policy, against context, batch, HF transformers and the roofline.
+
+    python -m bench.decode --model default --contexts 1024,4096,8192 --policies full --hf
+    python -m bench.decode --quick                       # a few minutes on 2 cores
+    python -m bench.decode --model random:llama-3.1-8b --dtype bfloat16 --contexts 32768,131072
+
+Every row: prefill seconds and decode ms/token (medians over --repeats runs, compile excluded),
+KV bytes on device and host, bytes read per step, measured read bandwidth in the same run, and
+the roofline fraction (bytes read / bandwidth over the measured step time). Results go to
+bench/results/decode-<device>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from bench.common import device_slug, header_md, machine, md_table, read_bandwidth, write_results
+
+PRESETS = {
+    # random weights with real shapes: speed does not depend on the weights' values
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "smollm2-135m-long": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                              num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=262144,
+                              tie_word_embeddings=True),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                         num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=262144),
+}
+
+
+def parse_policy(spec: str) -> tuple[str, float | None]:
+    """'hetero:0.5' -> ('hetero', 0.5); 'full' -> ('full', None)."""
+    name, _, ratio = spec.partition(":")
+    return name, float(ratio) if ratio else None
+
+
+def load(spec: str, dtype: str | None):
+    """(cfg, params, source) for a model spec: default / path / random:PRESET."""
+    import jax.numpy as jnp
+
+    if spec.startswith("random:"):
+        from hetero_jax.config import LlamaConfig
+        from hetero_jax.params import init_random_params
+
+        preset = spec.split(":", 1)[1]
+        if preset not in PRESETS:
+            sys.exit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        cfg = LlamaConfig(**PRESETS[preset])
+        return cfg, init_random_params(cfg, 0, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32), None
+    import convert
+
+    m = convert.load_model(spec, dtype=dtype)
+    return m.cfg, m.params, m
+
+
+def bytes_read_per_step(params_bytes: int, stats: dict) -> int:
+    """What one decode step reads: all weights once + the KV the policy keeps on device."""
+    return params_bytes + int(stats.get("kv_read_bytes", stats["device_bytes"]))
+
+
+def run_ours(cfg, params, policy_name, ratio, context, batch, new_tokens, repeats, seed=0):
+    from hetero_jax.cache import make_policy
+    from hetero_jax.generate import generate
+
+    policy = make_policy(policy_name, cfg, ratio=ratio)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(100, cfg.vocab_size, context).tolist() for _ in range(batch)]
+    pre, dec, step_ms = [], [], []
+    res = None
+    for _ in range(repeats + 1):  # first run pays compilation (timed apart by generate anyway)
+        res = generate(params, prompts, policy, config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[],
+                       progress=False)
+        pre.append(res.timing["prefill_s"])
+        dec.append(res.timing["decode_ms_per_token"])
+        del res.cache
+        gc.collect()
+    timed = generate(params, prompts, policy, config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[],
+                     progress=False, step_times=True)
+    step_ms = timed.timing["step_ms"]
+    stats = timed.stats
+    refresh_steps = stats.get("refresh_step_mask")
+    row = {
+        "policy": policy_name if ratio is None else f"{policy_name}:{ratio}",
+        "context": context,
+        "batch": batch,
+        "prefill_s": statistics.median(pre[1:]),
+        "decode_ms": statistics.median(dec[1:]),
+        "device_kv_bytes": stats["device_bytes"],
+        "host_kv_bytes": stats["host_bytes"],
+        "compile_s": timed.timing.get("prefill_compile_s", 0) + timed.timing.get("decode_compile_s", 0),
+    }
+    if refresh_steps is not None:
+        mask = np.asarray(refresh_steps, bool)[: len(step_ms)]
+        if mask.any() and (~mask).any():
+            row["refresh_step_ms"] = float(np.median(np.asarray(step_ms)[mask]))
+            row["other_step_ms"] = float(np.median(np.asarray(step_ms)[~mask]))
+    del timed
+    gc.collect()
+    return row, stats
+
+
+def hf_source(spec: str) -> dict:
+    """from_pretrained kwargs for the same weights our run loaded (GGUF file or HF folder)."""
+    from pathlib import Path
+
+    import convert
+
+    path = convert.default_gguf_path() if spec == "default" else Path(spec)
+    if path.suffix == ".gguf":
+        return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        return {"pretrained_model_name_or_path": str(path)}
+    raise SystemExit(f"error: --hf needs the default model, a .gguf file or an HF folder, not {spec}")
+
+
+def run_hf(model, context, new_tokens, repeats, seed=0):
+    """HF transformers (torch, CPU) full-KV prefill and per-step decode on the same GGUF/HF weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(**hf_source(model), dtype=torch.float32).eval()
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    rng = np.random.default_rng(seed)
+    ids = torch.tensor(rng.integers(100, hf.config.vocab_size, context)[None])
+    pre, dec = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = hf(input_ids=ids, use_cache=True)
+            pre.append(time.perf_counter() - t0)
+            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(new_tokens):
+                t0 = time.perf_counter()
+                out = hf(input_ids=tok, past_key_values=pkv, use_cache=True)
+                steps.append(time.perf_counter() - t0)
+                pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            dec.append(1000 * statistics.median(steps))
+            del out, pkv
+            gc.collect()
+    return {"policy": "hf-transformers full", "context": context, "batch": 1,
+            "prefill_s": statistics.median(pre), "decode_ms": statistics.median(dec)}
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (pol, batch) in sorted({(r["policy"], r["batch"]) for r in rows}):
+        rs = sorted((r for r in rows if r["policy"] == pol and r["batch"] == batch), key=lambda r: r["context"])
+        label = f"{pol} (batch {batch})"
+        axes[0].plot([r["context"] for r in rs], [r["decode_ms"] for r in rs], "o-", label=label)
+        if all("roofline_frac" in r for r in rs):
+            axes[1].plot([r["context"] for r in rs], [r["roofline_frac"] for r in rs], "o-", label=label)
+    axes[0].set(xlabel="context (tokens)", ylabel="decode ms/token", title="decode time", xscale="log")
+    axes[1].set(xlabel="context (tokens)", ylabel="fraction of memory roofline", title="roofline fraction",
+                xscale="log", ylim=(0, 1.05))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default", help="default | converted/HF folder | .gguf | random:PRESET "
+                    f"(presets: {', '.join(PRESETS)})")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--contexts", default="1024,4096,8192", help="comma-separated prompt lengths")
+    ap.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    ap.add_argument("--policies", default="full", help="comma-separated NAME[:RATIO], e.g. full,hetero:0.5,snapkv:0.5")
+    ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
+    ap.add_argument("--hf", action="store_true", help="also time HF transformers full KV (torch CPU, batch 1)")
+    ap.add_argument("--hf-repeats", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="1K and 2K contexts, 16 steps, 2 repeats")
+    ap.add_argument("--name", default=None, help="result file stem (default decode-<device>)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.contexts, args.new_tokens, args.repeats = "1024,2048", 16, 2
+
+    info = machine()
+    bw = read_bandwidth()
+    print(f"{info['device']}: measured read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr)
+    cfg, params, model = load(args.model, args.dtype)
+    from hetero_jax.params import param_bytes
+
+    pbytes = param_bytes(params)
+    rows = []
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for context in contexts:
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for spec in args.policies.split(","):
+                name, ratio = parse_policy(spec)
+                row, stats = run_ours(cfg, params, name, ratio, context, batch, args.new_tokens, args.repeats)
+                row["bytes_per_step"] = bytes_read_per_step(pbytes, stats)
+                row["roofline_ms"] = 1000 * row["bytes_per_step"] / bw
+                row["roofline_frac"] = row["roofline_ms"] / row["decode_ms"]
+                rows.append(row)
+                print(f"  {row['policy']:>14} ctx {context:>6} b{batch}: prefill {row['prefill_s']:.2f}s "
+                      f"decode {row['decode_ms']:.1f} ms/tok ({row['roofline_frac']:.0%} of roofline)",
+                      file=sys.stderr)
+        if args.hf and model is not None:
+            row = run_hf(args.model, context, args.new_tokens, args.hf_repeats)
+            rows.append(row)
+            print(f"  {row['policy']:>14} ctx {context:>6}: prefill {row['prefill_s']:.2f}s "
+                  f"decode {row['decode_ms']:.1f} ms/tok", file=sys.stderr)
+    # ratios side by side, same run
+    for r in rows:
+        ours_full = next((o for o in rows if o["policy"] == "full" and o["context"] == r["context"]
+                          and o["batch"] == r["batch"]), None)
+        hf = next((o for o in rows if o["policy"].startswith("hf") and o["context"] == r["context"]), None)
+        if ours_full and r is not ours_full and not r["policy"].startswith("hf"):
+            r["speedup_vs_full"] = ours_full["decode_ms"] / r["decode_ms"]
+            r["byte_ratio_vs_full"] = ours_full["bytes_per_step"] / r["bytes_per_step"]
+        if hf and not r["policy"].startswith("hf") and r["batch"] == 1:
+            r["x_hf_ms"] = r["decode_ms"] / hf["decode_ms"]
+    stem = args.name or f"decode-{device_slug()}"
+    payload = {"machine": info, "bandwidth_GBps": bw / 1e9, "param_bytes": pbytes, "model": args.model,
+               "dtype": args.dtype or "as stored", "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
+    cols = [("policy", "policy"), ("context", "context"), ("batch", "batch"), ("prefill_s", "prefill s"),
+            ("decode_ms", "decode ms/tok"), ("x_hf_ms", "x HF ms/tok"), ("device_kv_bytes", "device KV B"),
+            ("host_kv_bytes", "host KV B"), ("bytes_per_step", "bytes/step"), ("roofline_frac", "roofline frac"),
+            ("speedup_vs_full", "speedup vs full"), ("byte_ratio_vs_full", "byte ratio vs full"),
+            ("refresh_step_ms", "refresh step ms"), ("other_step_ms", "other step ms")]
+    md = header_md(f"Decode benchmark: {args.model}", info) + (
+        f"- measured read bandwidth: {bw / 1e9:.1f} GB/s (1 GiB f32 matvec, median)\n"
+        f"- weights: {pbytes / 1e6:.0f} MB; medians of {args.repeats} runs x {args.new_tokens} decode steps; "
+        "compile excluded\n- roofline frac = (weights + KV held on device) / bandwidth / measured step time\n\n"
+        + md_table(rows, cols) + "\n"
+    )
+    jpath, mpath = write_results(stem, payload, md)
+    plot(rows, jpath.with_suffix(".png"))
+    print(md)
+    print(f"wrote {jpath}, {mpath}, {jpath.with_suffix('.png')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
