@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import gather_attention
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -110,3 +112,17 @@ def round_up(n: int, multiple: int) -> int:
 
 def prompt_capacity(lengths: np.ndarray, multiple: int) -> int:
     return round_up(int(np.max(lengths)), multiple)
+
+
+def segment_attention(q, kbuf, vbuf, lengths):
+    """Decode attention of q (B, Hq, D) over per-head rows ``[0, lengths)`` of kbuf/vbuf (B,Hkv,S,D)."""
+    b, hkv, s, d = kbuf.shape
+    out = gather_attention(
+        q.reshape(b, hkv, -1, d),
+        kbuf.reshape(b, hkv * s, d),  # free reshape: head h's rows start at h * s
+        vbuf.reshape(b, hkv * s, d),
+        jnp.broadcast_to(lengths, (b, hkv)).astype(jnp.int32),
+        starts=tuple(h * s for h in range(hkv)),
+        capacity=(s,) * hkv,
+    )
+    return out.reshape(q.shape)

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from hetero_jax.attention import prefill_attention
-from hetero_jax.cache.base import Cache, CachePolicy, round_up, scatter_token
-from pallas_kernels import gather_attention
+from hetero_jax.cache.base import Cache, CachePolicy, round_up, scatter_token, segment_attention
 
 
 @jax.tree_util.register_dataclass
@@ -36,14 +35,5 @@ class FullKV(CachePolicy):
     def decode_layer(self, layer, state: FullLayer, q, k, v, cache: Cache):
         kbuf = scatter_token(state.k, cache.lengths, k)
         vbuf = scatter_token(state.v, cache.lengths, v)
-        b, hkv, s, d = kbuf.shape
-        lengths = jnp.broadcast_to((cache.lengths + 1)[:, None], (b, hkv)).astype(jnp.int32)
-        out = gather_attention(
-            q.reshape(b, hkv, -1, d),
-            kbuf.reshape(b, hkv * s, d),  # free reshape: head h's rows start at h * s
-            vbuf.reshape(b, hkv * s, d),
-            lengths,
-            starts=tuple(h * s for h in range(hkv)),
-            capacity=(s,) * hkv,
-        )
-        return out.reshape(q.shape), FullLayer(kbuf, vbuf)
+        out = segment_attention(q, kbuf, vbuf, (cache.lengths + 1)[:, None])
+        return out, FullLayer(kbuf, vbuf)
