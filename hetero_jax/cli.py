@@ -71,17 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("profile", help="profile attention heads into a HeteroCache profile JSON",
-                       description="Run the model on calibration text, measure each KV head's temporal "
-                       "stability and intra-layer similarity, and write head roles and budget weights.")
-    _add_model_arg(p)
-    p.add_argument("--out", required=True, help="output JSON path")
-    p.add_argument("--text-file", default=None, help="calibration text (default: the text shipped with the package)")
-    p.add_argument("--max-length", type=int, default=None, help="prompt tokens used (default: scaled to the model)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy decode steps profiled")
-    p.add_argument("--topk", type=int, default=None, help="top-k set size")
-    p.add_argument("--sim-threshold", type=float, default=None)
-    p.add_argument("--stable-threshold", type=float, default=None)
+    p = sub.add_parser("profile", add_help=False, help="profile attention heads into a HeteroCache profile JSON "
+                       "(see 'hetero-jax profile --help')")
     p.set_defaults(func=_cmd_profile)
     return parser
 
@@ -179,32 +170,17 @@ def _jsonable(x):
 def _cmd_profile(args) -> int:
     from hetero_jax import profiling
 
-    m = _load(args.model, args.dtype)
-    overrides = {
-        k: v
-        for k, v in dict(
-            max_length=args.max_length, max_new_tokens=args.max_new_tokens, topk=args.topk,
-            sim_threshold=args.sim_threshold, stable_threshold=args.stable_threshold,
-        ).items()
-        if v is not None
-    }
-    text = None
-    if args.text_file:
-        with open(args.text_file, encoding="utf-8") as f:
-            text = f.read()
-    prof = profiling.profile_model(m, text=text, progress=None, **overrides)
-    prof.save(args.out)
-    log.info("wrote %s: %s", args.out, prof.counts)
-    print(args.out)
-    return 0
+    return profiling.main(args.rest)
 
 
 def main(argv=None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "profile" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:  # our errors subclass ValueError

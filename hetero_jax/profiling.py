@@ -1,0 +1,269 @@
+"""Offline head profiling for HeteroCache (REFERENCE.md section 1): one calibration run -> roles.
+
+A calibration text is prefilled (truncated to ``max_length`` tokens) and decoded greedily for
+``max_new_tokens`` tokens under a full-KV cache that also records, per layer and KV head, the
+top-``topk`` key positions of the last query row (softmax over all keys, restricted to the
+prompt, mean over the GQA group, ``pool5``). Only that one row is scored per step: no attention
+matrix is ever materialised. ``classify`` turns the recorded sets into roles and budget weights.
+
+Defaults: the authors profile 128K-context models with max_length 5000 and topk 1024 (20.5% of
+the prompt). Models with a short context get max_length = half their context (SmolLM2's 8K ->
+4096, leaving room for the generated tokens and a power of two, so no padding) and the same
+20.5% top-k fraction (topk 839), so the overlap statistics mean the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hetero_jax import model
+from hetero_jax.attention import NEG_INF, last_rows, pool5, query_scores
+from hetero_jax.cache.base import round_up
+from hetero_jax.cache.full import FullKV, FullLayer
+from hetero_jax.config import LlamaConfig
+from hetero_jax.profile_io import Profile, model_fingerprint, save_profile, weights_digest
+
+REF_MAX_LENGTH, REF_TOPK = 5000, 1024  # the authors' defaults (tools/get_weights.py)
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+EPS = 1e-6  # in the budget weights 1 / (stab + eps), as the authors
+
+
+def default_lengths(cfg: LlamaConfig) -> tuple[int, int]:
+    """(max_length, topk): the reference's 5000/1024, scaled down for short-context models."""
+    max_length = min(REF_MAX_LENGTH, cfg.max_position_embeddings // 2)
+    return max_length, max(1, round(max_length * REF_TOPK / REF_MAX_LENGTH))
+
+
+# ---------------------------------------------------------------------------------- recording
+def topk_sets(probs: jax.Array, prompt_len: jax.Array, k: int) -> jax.Array:
+    """probs (B, H, S) over keys -> (B, H, k) int32 top positions among the first prompt_len keys.
+
+    Keys past the prompt are zeroed before pooling (as slicing then zero-padding does) and
+    excluded from the top-k after it.
+    """
+    pos = jnp.arange(probs.shape[-1])
+    inside = pos[None, None, :] < prompt_len[:, None, None]
+    pooled = pool5(jnp.where(inside, probs, 0.0))
+    return jax.lax.top_k(jnp.where(inside, pooled, NEG_INF), k)[1].astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RecLayer:
+    full: FullLayer
+    sets: jax.Array  # (B, Hkv, topk) int32: this step's top-k set per KV head
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileRecorder(FullKV):
+    """Full KV plus the per-head top-k set of the last query row at every step."""
+
+    topk: int = 839
+
+    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
+        out, full = super().prefill_layer(layer, q, k, v, lengths, max_new_tokens)
+        probs = query_scores(last_rows(q, lengths, 1), k, lengths)[:, :, :, 0]  # (B, Hkv, G, T)
+        return out, RecLayer(full, topk_sets(probs.mean(2), lengths, self.topk))
+
+    def decode_layer(self, layer, state: RecLayer, q, k, v, cache):
+        out, full = super().decode_layer(layer, state.full, q, k, v, cache)
+        b, hkv, s, d = full.k.shape
+        qg = q.reshape(b, hkv, -1, d).astype(jnp.float32)
+        scores = jnp.einsum("bhgd,bhsd->bhgs", qg, full.k.astype(jnp.float32)) / math.sqrt(d)
+        valid = jnp.arange(s)[None, :] <= cache.lengths[:, None]  # the new token included
+        probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], scores, NEG_INF), axis=-1)
+        return out, RecLayer(full, topk_sets(probs.mean(2), cache.lengths - cache.step, self.topk))
+
+
+def record_sets(params, cfg: LlamaConfig, tokens, *, topk: int, max_new_tokens: int, progress: bool = True):
+    """Prefill ``tokens`` (one sequence) and decode greedily; return (prefill_sets, decode_sets,
+    generated ids) with sets as numpy (layers, B, Hkv, topk) and (steps, layers, B, Hkv, topk)."""
+    tokens = np.asarray(tokens, np.int32).reshape(1, -1)
+    n = tokens.shape[1]
+    if n < topk:
+        raise ValueError(f"calibration prompt has {n} tokens, fewer than topk={topk}; use a longer text or smaller topk")
+    if n + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt {n} + {max_new_tokens} new tokens exceeds the context {cfg.max_position_embeddings}")
+    t = round_up(n, 128)
+    padded = np.zeros((1, t), np.int32)
+    padded[:, :n] = tokens
+    rec = ProfileRecorder(topk=topk)
+    bar = _bar(cfg.num_layers + max_new_tokens - 1, progress)
+    tick = functools.partial(_tick, bar) if bar is not None else None
+    prefill = jax.jit(functools.partial(model.prefill, cfg=cfg, policy=rec, max_new_tokens=max_new_tokens,
+                                        progress=tick))
+    step = jax.jit(functools.partial(model.decode_step, cfg=cfg, policy=rec), donate_argnums=(1,))
+    logits, cache = prefill(params, jnp.asarray(padded), jnp.asarray([n], jnp.int32))
+    pre = [layer.sets for layer in cache.layers]
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    generated, steps = [tok], []
+    for _ in range(max_new_tokens - 1):  # the authors' run records max_new_tokens - 1 decode forwards
+        logits, cache = step(params, cache, tok)
+        steps.append([layer.sets for layer in cache.layers])
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        generated.append(tok)
+        if bar is not None:
+            bar.update(1)
+    pre_np = np.stack([np.asarray(x) for x in pre])
+    dec_np = np.stack([np.stack([np.asarray(x) for x in s]) for s in steps]) if steps else np.zeros((0,) + pre_np.shape, np.int32)
+    if bar is not None:
+        bar.close()
+    return pre_np, dec_np, [int(np.asarray(g)[0]) for g in generated]
+
+
+def _bar(total, progress):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="profile (prefill layers, then decode steps)", unit="it", leave=False)
+
+
+def _tick(bar, layer, _x):
+    bar.n = int(layer) + 1
+    bar.refresh()
+
+
+# ---------------------------------------------------------------------------------- classification
+def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|A ∩ B| / k for index sets without duplicates, (..., k) -> (...)."""
+    a, b = np.broadcast_arrays(a, b)
+    c = np.sort(np.concatenate([a, b], -1), -1)
+    return (c[..., 1:] == c[..., :-1]).sum(-1) / a.shape[-1]
+
+
+def star_clusters(adjacency: np.ndarray) -> list[tuple[int, list[int]]]:
+    """Greedy star clustering: the unassigned head with most unassigned neighbours (ties: lowest
+    index) becomes a pivot, those neighbours its satellites; stop when the best degree is 0."""
+    n = adjacency.shape[0]
+    unassigned = set(range(n))
+    out = []
+    while unassigned:
+        best = min(unassigned, key=lambda h: (-sum(adjacency[h, j] for j in unassigned if j != h), h))
+        members = sorted(j for j in unassigned if j != best and adjacency[best, j])
+        if not members:
+            break
+        out.append((best, members))
+        unassigned -= {best, *members}
+    return out
+
+
+def classify(prefill_sets: np.ndarray, decode_sets: np.ndarray, *, sim_threshold: float = 0.5,
+             stable_threshold: float = 0.5):
+    """Recorded sets -> (roles, stability, weights, clusters), as the authors' get_cluster.py.
+
+    prefill_sets (layers, B, Hkv, k); decode_sets (steps, layers, B, Hkv, k). Stability is the
+    median over steps of the batch-mean overlap with the prefill set; the similarity graph is
+    measured on the prefill sets; weights are 1/(stab + 1e-6) normalised to mean 1 over all the
+    model's compressed heads (anchors and satellites).
+    """
+    for name, x in (("sim_threshold", sim_threshold), ("stable_threshold", stable_threshold)):
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {x}")
+    nl, _, hkv, _ = prefill_sets.shape
+    if len(decode_sets):
+        stab = np.median(overlap(prefill_sets[None], decode_sets).mean(2), axis=0)  # (layers, Hkv)
+    else:
+        stab = np.zeros((nl, hkv))  # no decode steps: every unique head counts as volatile
+    roles, clusters = [], []
+    for l in range(nl):
+        sim = overlap(prefill_sets[l][:, :, None], prefill_sets[l][:, None, :]).mean(0)  # (Hkv, Hkv)
+        adj = (sim >= sim_threshold) & ~np.eye(hkv, dtype=bool)
+        stars = star_clusters(adj)
+        r = ["anchor" if stab[l, h] >= stable_threshold else "volatile" for h in range(hkv)]
+        for p, sats in stars:
+            r[p] = "pivot"
+            for s in sats:
+                r[s] = "satellite"
+        roles.append(tuple(r))
+        clusters.append(tuple((p, tuple(s)) for p, s in stars))
+    comp = [(l, h) for l in range(nl) for h in range(hkv) if roles[l][h] in ("anchor", "satellite")]
+    inv = {lh: 1.0 / (float(stab[lh]) + EPS) for lh in comp}
+    total = sum(inv.values())
+    weights = tuple(
+        tuple(inv[(l, h)] / total * len(comp) if (l, h) in inv else None for h in range(hkv)) for l in range(nl)
+    )
+    stability = tuple(tuple(float(s) for s in row) for row in stab)
+    return tuple(roles), stability, weights, tuple(clusters)
+
+
+# ---------------------------------------------------------------------------------- driver
+def profile_model(params, cfg: LlamaConfig, tokens, *, name: str = "model", max_length: int | None = None,
+                  topk: int | None = None, max_new_tokens: int = 100, sim_threshold: float = 0.5,
+                  stable_threshold: float = 0.5, calibration: dict | None = None, progress: bool = True) -> Profile:
+    """Profile a model on calibration ``tokens`` (truncated to ``max_length``) -> Profile."""
+    d_len, d_topk = default_lengths(cfg)
+    max_length = d_len if max_length is None else int(max_length)
+    topk = (d_topk if max_length == d_len else max(1, round(max_length * REF_TOPK / REF_MAX_LENGTH))) \
+        if topk is None else int(topk)
+    if max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be >= 2 (stability needs decode steps), got {max_new_tokens}")
+    tokens = list(tokens)[:max_length]
+    pre, dec, gen = record_sets(params, cfg, tokens, topk=topk, max_new_tokens=max_new_tokens, progress=progress)
+    roles, stab, weights, clusters = classify(pre, dec, sim_threshold=sim_threshold,
+                                              stable_threshold=stable_threshold)
+    return Profile(
+        model={"name": name, "fingerprint": model_fingerprint(cfg), "weights_sha256": weights_digest(params)},
+        params={
+            "max_length": max_length, "topk": topk, "max_new_tokens": max_new_tokens,
+            "decode_steps_recorded": int(len(dec)), "prompt_tokens": len(tokens),
+            "sim_threshold": sim_threshold, "stable_threshold": stable_threshold,
+            "pool_kernel": 5, "group_reduce": "mean", "similarity_step": "prefill",
+            "scores": "softmax over all keys, last query row, restricted to the prompt",
+            "weight_eps": EPS, "calibration": calibration or {}, "generated_ids": gen,
+        },
+        roles=roles, stability=stab, weights=weights, clusters=clusters,
+    )
+
+
+def calibration_tokens(tokenizer, path: Path = CALIBRATION_TEXT) -> tuple[list[int], dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)
+    info = {"file": Path(path).name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "tokens": len(ids)}
+    if Path(path) == CALIBRATION_TEXT:
+        info["credit"] = "Python Language Reference (PSF License v2); see hetero_jax/data/CREDITS.md"
+    return ids, info
+
+
+def main(argv=None) -> int:
+    """``hetero-jax profile``: profile a model on the shipped calibration text, write JSON."""
+    ap = argparse.ArgumentParser(prog="hetero-jax profile", description=main.__doc__)
+    ap.add_argument("--model", default="default", help="model name or path, as for `hetero-jax generate`")
+    ap.add_argument("--out", required=True, help="where to write the profile JSON")
+    ap.add_argument("--text", default=str(CALIBRATION_TEXT), help="calibration text file (default: shipped)")
+    ap.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: min(5000, context/2))")
+    ap.add_argument("--topk", type=int, default=None, help="top-k set size (default: 20.48%% of max-length)")
+    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--sim-threshold", type=float, default=0.5)
+    ap.add_argument("--stable-threshold", type=float, default=0.5)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    import convert  # the model loader; imported late so profiling math has no loader dependency
+
+    m = convert.load_model(a.model)
+    ids, info = calibration_tokens(m.tokenizer, Path(a.text))
+    prof = profile_model(
+        m.params, m.cfg, ids, name=Path(str(m.path)).name if a.model == "default" else str(a.model),
+        max_length=a.max_length, topk=a.topk,
+        max_new_tokens=a.max_new_tokens, sim_threshold=a.sim_threshold, stable_threshold=a.stable_threshold,
+        calibration=info, progress=not a.no_progress,
+    )
+    save_profile(prof, a.out)
+    c = prof.counts()
+    print(f"wrote {a.out}: {c['pivot']} pivot, {c['satellite']} satellite, {c['anchor']} anchor, "
+          f"{c['volatile']} volatile; F = {c['full']}/{c['total']} -> ratio must exceed {c['full'] / c['total']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
