@@ -1,0 +1,228 @@
+"""python -m bench.accuracy.report DIR: markdown tables and plots from DIR/results.jsonl.
+
+Everything here is computed from the JSONL rows (nothing typed in): per task, policy and length
+the mean of the per-sample scores (RULER's task score), the RULER average over the tasks present,
+the fidelity statistics, memory and time; plots: RULER scores per task, a needle heatmap (length x
+depth) per policy, and fidelity KL / top-1 per policy. Files are written through a temp file and
+a rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.accuracy import ruler
+from bench.accuracy.results import RESULTS_FILE, read_rows, write_atomic
+
+REPORT_FILE = "report.md"
+
+
+def label(row: dict) -> str:
+    r = row.get("ratio")
+    return row["policy"] if r is None else f"{row['policy']}@{r:g}"
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else math.nan
+
+
+def _fmt(x, digits=1) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _order(seq):
+    return list(dict.fromkeys(seq))
+
+
+def _full_first(kv):
+    return kv[0][0], kv[0][1] != "full"
+
+
+def group(rows: list[dict], *keys) -> dict:
+    out = collections.defaultdict(list)
+    for r in rows:
+        out[tuple(r[k] if k != "label" else label(r) for k in keys)].append(r)
+    return out
+
+
+def score_tables(rows: list[dict]) -> str:
+    gen = [r for r in rows if r["task"] != "fidelity"]
+    if not gen:
+        return ""
+    labels = _order(label(r) for r in rows)
+    by = group(gen, "length", "task", "label")
+    parts = ["## Scores\n\nMean of per-sample scores (RULER: `string_match_all` / `string_match_part`, x100; "
+             "needle: ROUGE-1 F x100; passkey: `string_match_all`), n samples in brackets."]
+    for length in sorted({r["length"] for r in gen}):
+        tasks = [t for t in (*ruler.TASKS, "needle", "passkey") if any((length, t, lb) in by for lb in labels)]
+        body = []
+        for t in tasks:
+            cells = []
+            for lb in labels:
+                rs = by.get((length, t, lb), [])
+                cells.append(f"{_fmt(_mean(r['score'] for r in rs), 2)} ({len(rs)})" if rs else "-")
+            body.append([t, *cells])
+        rtasks = [t for t in tasks if t in ruler.TASKS]
+        if len(rtasks) > 1:
+            avg = []
+            for lb in labels:
+                ms = [_mean(r["score"] for r in by[(length, t, lb)]) for t in rtasks if (length, t, lb) in by]
+                avg.append(f"**{_fmt(_mean(ms), 2)}** ({len(ms)} tasks)" if ms else "-")
+            body.append(["RULER average", *avg])
+        parts.append(f"### {length} tokens\n\n" + _table(["task", *labels], body))
+    return "\n\n".join(parts)
+
+
+def fidelity_table(rows: list[dict]) -> str:
+    fid = [r for r in rows if r["task"] == "fidelity"]
+    if not fid:
+        return ""
+    body = []
+    for (length, lb), rs in sorted(group(fid, "length", "label").items(), key=_full_first):
+        m = lambda k: _mean(r["metrics"][k] for r in rs)  # noqa: E731
+        body.append([lb, str(length), str(len(rs)), str(rs[0]["metrics"]["positions"]), _fmt(m("kl_mean"), 4),
+                     _fmt(m("kl_p95"), 4), _fmt(m("kl_max"), 3), _fmt(100 * m("top1_agreement"), 1),
+                     _fmt(m("ppl"), 2), _fmt(m("ppl_full"), 2)])
+    return ("## Fidelity (teacher-forced, against full KV)\n\nPer position KL(full || policy) in nats, averaged "
+            "over positions then samples; top-1 = % of positions whose argmax matches full KV's; perplexity of "
+            "the true text.\n\n" + _table(["policy", "length", "n", "positions", "KL mean", "KL p95", "KL max",
+                                             "top-1 %", "ppl", "ppl full"], body))
+
+
+def cost_table(rows: list[dict]) -> str:
+    body = []
+    for (length, lb), rs in sorted(group(rows, "length", "label").items(), key=_full_first):
+        t = lambda k: _mean(r["timing"].get(k) for r in rs)  # noqa: E731
+        body.append([lb, str(length), str(len(rs)), _fmt(_mean(r.get("device_bytes") for r in rs) / 2**20, 1),
+                     _fmt(_mean(r.get("host_bytes") for r in rs) / 2**20, 1), _fmt(t("prefill_s"), 2),
+                     _fmt(t("decode_ms_per_token"), 1)])
+    return ("## Memory and time\n\nMeans over all rows (every task) of a policy and length: cache bytes held on "
+            "device / host after the run (as the policy reports them), prefill seconds and decode ms per "
+            "token (compilation excluded for generation tasks).\n\n"
+            + _table(["policy", "length", "rows", "device MiB", "host MiB", "prefill s", "decode ms/token"], body))
+
+
+def _save(fig, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+    return path.name
+
+
+def plots(rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    labels = _order(label(r) for r in rows)
+    by = group(rows, "length", "task", "label")
+    rtasks = [t for t in ruler.TASKS if any(r["task"] == t for r in rows)]
+    for length in sorted({r["length"] for r in rows if r["task"] in rtasks}):
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rtasks) * max(1, len(labels)) / 2), 3.5))
+        w = 0.8 / len(labels)
+        for j, lb in enumerate(labels):
+            ys = [_mean(r["score"] for r in by.get((length, t, lb), [])) for t in rtasks]
+            ax.bar(np.arange(len(rtasks)) + j * w, ys, w, label=lb)
+        ax.set_xticks(np.arange(len(rtasks)) + 0.4 - w / 2, rtasks, rotation=45, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("score")
+        ax.set_title(f"RULER, {length} tokens")
+        ax.legend(fontsize=8)
+        made.append(_save(fig, out / f"ruler_{length}.png"))
+        plt.close(fig)
+    needle = [r for r in rows if r["task"] == "needle"]
+    for lb in _order(label(r) for r in needle):
+        rs = [r for r in needle if label(r) == lb]
+        lengths = sorted({r["length"] for r in rs})
+        deps = sorted({r["extra"]["depth"] for r in rs})
+        grid = np.full((len(lengths), len(deps)), np.nan)
+        for r in rs:
+            grid[lengths.index(r["length"]), deps.index(r["extra"]["depth"])] = r["score"]
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(deps), 1 + 0.5 * len(lengths)))
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(deps)), [f"{d:g}" for d in deps])
+        ax.set_yticks(range(len(lengths)), lengths)
+        ax.set_xlabel("needle depth (%)")
+        ax.set_ylabel("context length")
+        ax.set_title(f"needle in a haystack, {lb} (ROUGE-1 F x100)")
+        fig.colorbar(im, ax=ax)
+        made.append(_save(fig, out / f"needle_{lb.replace('@', '_r')}.png"))
+        plt.close(fig)
+    fid = [r for r in rows if r["task"] == "fidelity" and r["policy"] != "full"]
+    if fid:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        g = group(fid, "label", "length")
+        for lb in _order(label(r) for r in fid):
+            ls = sorted(length for (l2, length) in g if l2 == lb)
+            axes[0].plot(ls, [_mean(r["metrics"]["kl_mean"] for r in g[(lb, n)]) for n in ls], "o-", label=lb)
+            top1 = [_mean(100 * r["metrics"]["top1_agreement"] for r in g[(lb, n)]) for n in ls]
+            axes[1].plot(ls, top1, "o-", label=lb)
+        axes[0].set_ylabel("KL(full || policy), nats")
+        axes[1].set_ylabel("top-1 agreement with full (%)")
+        for ax in axes:
+            ax.set_xlabel("context length")
+            ax.legend(fontsize=8)
+        made.append(_save(fig, out / "fidelity.png"))
+        plt.close(fig)
+    return made
+
+
+def write_report(folder) -> Path:
+    folder = Path(folder)
+    rows = read_rows(folder / RESULTS_FILE)
+    if not rows:
+        raise FileNotFoundError(f"{folder / RESULTS_FILE}: no results to report")
+    try:
+        meta = json.loads((folder / "run.json").read_text())["runs"][-1]
+    except (OSError, json.JSONDecodeError, KeyError, IndexError):
+        meta = {}
+    models = _order(r["model"] for r in rows)
+    head = [f"# Long-context accuracy: {', '.join(models)}", ""]
+    if meta:
+        head.append(f"Last run: {meta.get('date', '?')} on {meta.get('device', '?')}, jax {meta.get('jax', '?')}; "
+                    f"`{meta.get('command', '')}`.")
+    head.append(f"{len(rows)} rows from `{RESULTS_FILE}`; seeds {sorted({r['seed'] for r in rows})}, "
+                f"settings {sorted({r['setting'] for r in rows})}.")
+    images = plots(rows, folder)
+    sections = [s for s in (score_tables(rows), fidelity_table(rows), cost_table(rows)) if s]
+    sections.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in images) if images else "")
+    path = folder / REPORT_FILE
+    write_atomic(path, "\n".join(head) + "\n\n" + "\n\n".join(s for s in sections if s) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.accuracy.report",
+                                description="Markdown tables and plots from an accuracy run folder.")
+    p.add_argument("folder", type=Path, help="the --out folder of python -m bench.accuracy")
+    args = p.parse_args(argv)
+    try:
+        print(write_report(args.folder))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
