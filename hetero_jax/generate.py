@@ -70,7 +70,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     return jax.random.categorical(key, logits, -1).astype(jnp.int32)
 
 
-def pad_prompts(tokens, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(tokens, pad_id: int = 0, multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
     """A list of id lists (or a 1-D / 2-D array) -> right-padded (B, T) int32 and lengths (B,)."""
     if isinstance(tokens, (np.ndarray, jax.Array)):
         arr = np.asarray(tokens)
@@ -83,7 +83,7 @@ def pad_prompts(tokens, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     if not rows or any(len(r) == 0 for r in rows):
         raise GenerationError("empty prompt: every sequence needs at least one token")
     lengths = np.array([len(r) for r in rows], np.int32)
-    t = round_up(int(lengths.max()), PAD_MULTIPLE)
+    t = round_up(int(lengths.max()), multiple)
     out = np.full((len(rows), t), pad_id, np.int32)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
@@ -154,6 +154,8 @@ def generate(
     check_every: int = 8,
     progress: bool | None = None,
     step_times: bool = False,
+    pad_multiple: int = PAD_MULTIPLE,
+    reserve_new_tokens: int | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt with the given cache policy (name or object).
 
@@ -162,12 +164,19 @@ def generate(
     config's eos ids. ``progress``: a bar for long prefills and decode (default: when stderr is a
     terminal). ``step_times`` blocks after every step to record each step's wall time in
     ``timing["step_ms"]`` (benchmarks only: it serialises dispatch and compute).
+    ``pad_multiple`` (a multiple of 128) and ``reserve_new_tokens`` (cache room for generated
+    tokens, >= max_new_tokens) let callers with many prompts share one compiled prefill and step.
     """
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = Sampling(temperature, top_k, top_p)
+    if pad_multiple % PAD_MULTIPLE:
+        raise GenerationError(f"pad_multiple must be a multiple of {PAD_MULTIPLE}, got {pad_multiple}")
+    reserve = max_new_tokens if reserve_new_tokens is None else reserve_new_tokens
+    if reserve < max_new_tokens:
+        raise GenerationError(f"reserve_new_tokens={reserve} is below max_new_tokens={max_new_tokens}")
     policy = make_policy(cache, config) if isinstance(cache, str) else cache
-    padded, lengths = pad_prompts(tokens, pad_id)
+    padded, lengths = pad_prompts(tokens, pad_id, pad_multiple)
     longest = int(lengths.max())
     if longest + max_new_tokens > config.max_position_embeddings:
         raise GenerationError(
@@ -181,7 +190,7 @@ def generate(
 
     # ---- prefill (compiled ahead of time so compile and run are timed apart)
     t0 = time.perf_counter()
-    pf = _prefill_fn(config, policy, max_new_tokens, False, bar is not None)
+    pf = _prefill_fn(config, policy, reserve, False, bar is not None)
     args = (params, jnp.asarray(padded), jnp.asarray(lengths))
     prefill_exe = compiled(pf, *args)
     timing["prefill_compile_s"] = time.perf_counter() - t0
@@ -201,7 +210,7 @@ def generate(
     b = len(lengths)
     stop_arr = jnp.asarray(stop or (-1,), jnp.int32)
     done = jnp.isin(first, stop_arr) if stop else jnp.zeros((b,), bool)
-    out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+    out = jnp.full((b, reserve), -1, jnp.int32).at[:, 0].set(first)  # (b, reserve): shape shared by callers
     tok = first
     step = _step_fn(config, policy, sampling, stop)
     steps = max_new_tokens - 1
@@ -239,7 +248,7 @@ def generate(
     if step_times and steps > 0:
         timing["step_ms"] = per_step
 
-    out_np = np.asarray(out)
+    out_np = np.asarray(out)[:, :max_new_tokens]
     gen = []
     for row in out_np:
         ids = []

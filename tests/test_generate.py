@@ -113,3 +113,13 @@ def test_bad_arguments(tiny_cfg, tiny_params, kwargs, match):
 def test_unknown_policy(tiny_cfg, tiny_params):
     with pytest.raises(ValueError, match="unknown cache policy 'nope'"):
         generate(tiny_params, [1, 2, 3], "nope", config=tiny_cfg)
+
+
+def test_padding_bucket_and_reserve_do_not_change_tokens(tiny_cfg, tiny_params, seed):
+    prompts = _prompts(seed, [70, 140])
+    plain = generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7)
+    bucketed = generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7, pad_multiple=512,
+                        reserve_new_tokens=40)
+    assert bucketed.tokens == plain.tokens
+    with pytest.raises(GenerationError, match="reserve_new_tokens"):
+        generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7, reserve_new_tokens=3)

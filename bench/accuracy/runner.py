@@ -182,8 +182,10 @@ class Runner:
             ids = synthetic.encode(tok, s["prompt"])
             if len(ids) + s["max_new_tokens"] > length:
                 raise RunError(f"{task} sample {i}: {len(ids)} prompt tokens + {s['max_new_tokens']} exceed {length}")
+            # one compiled prefill/step per (policy, length, 1K bucket): all tasks reserve 128 new slots
             res = generate(lm.params, [ids], self.policy(policy), config=lm.cfg, max_new_tokens=s["max_new_tokens"],
-                           stop_tokens=self._stop_tokens(), seed=self.rc.seed, progress=False)
+                           stop_tokens=self._stop_tokens(), seed=self.rc.seed, progress=False, pad_multiple=1024,
+                           reserve_new_tokens=max(128, s["max_new_tokens"]))
             text = tok.decode(res.tokens[0], skip_special_tokens=True)
             pred = scoring.postprocess_pred(text)
             if task == "needle":
