@@ -52,7 +52,9 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--policies", type=_names, default=["full"],
-                   help="cache policies, comma-separated (registry names: full, hetero, snapkv, ...); default full")
+                   help="cache policies, comma-separated: NAME[:RATIO][:OPTION=VALUE...] with registry names (full, "
+                   "hetero, snapkv, streaming, h2o, pyramidkv, retrieval, interval), e.g. "
+                   "hetero:0.4,hetero:0.5:threshold=1 (refresh at every check); default full")
     p.add_argument("--tasks", default="ruler", help=f"tasks or groups ({', '.join(SUITES)}, all); default ruler")
     p.add_argument("--lengths", type=_ints, default=[4096],
                    help="total context lengths in tokens (prompt + generation budget); default 4096")

@@ -63,7 +63,33 @@ class RunConfig:
     progress: bool = True
 
     def ratio_for(self, policy: str) -> float | None:
-        return None if policy == "full" else self.ratio
+        name, ratio, _ = parse_policy_spec(policy)
+        if name == "full":
+            return None
+        return self.ratio if ratio is None else ratio
+
+
+def parse_policy_spec(spec: str) -> tuple[str, float | None, dict]:
+    """'hetero:0.4:threshold=1:steps=5' -> ('hetero', 0.4, {'threshold': 1.0, 'steps': 5}).
+
+    A policy in --policies is a registry name, optionally with its own ratio (overriding --ratio)
+    and options of the policy's ``create`` (numbers parsed as int or float, else strings).
+    """
+    name, *parts = spec.split(":")
+    ratio, options = None, {}
+    for part in parts:
+        if "=" not in part:
+            ratio = float(part)
+            continue
+        key, value = part.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key] = value
+    return name, ratio, options
 
 
 class Runner:
@@ -96,7 +122,8 @@ class Runner:
         if name not in self._policies:
             from hetero_jax.cache import make_policy
 
-            self._policies[name] = make_policy(name, self.loaded.cfg, ratio=self.rc.ratio_for(name))
+            base, _, options = parse_policy_spec(name)
+            self._policies[name] = make_policy(base, self.loaded.cfg, ratio=self.rc.ratio_for(name), **options)
         return self._policies[name]
 
     def setting(self, task: str) -> str:
