@@ -82,6 +82,34 @@ def prefill(
     return _logits(params, x, cfg), cache
 
 
+def prefill_qkv(params, tokens: jax.Array, lengths: jax.Array, *, cfg: LlamaConfig, chunk: int = 512):
+    """The policy-independent part of prefill: last-token logits (B, V) and every layer's
+    post-RoPE (q, k, v). Feed it to ``build_cache`` once per policy to compare policies on one
+    forward pass (all policies whose ``shares_prefill()`` is true)."""
+    from hetero_jax.attention import prefill_attention
+
+    b, t = tokens.shape
+    inv_freq = rope_inv_freq(cfg)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = params["embed"][tokens]
+    qkv = []
+    for lp in params["layers"]:
+        q, k, v = _qkv(lp, x, positions, cfg, inv_freq)
+        x = x + prefill_attention(q, k, v, chunk).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
+        x = _mlp_block(lp, x, cfg)
+        qkv.append((q, k, v))
+    x = gather_rows(x, (lengths - 1)[:, None])[:, 0]
+    return _logits(params, x, cfg), tuple(qkv)
+
+
+def build_cache(qkv, lengths: jax.Array, *, policy: CachePolicy, max_new_tokens: int) -> Cache:
+    """A policy's cache from ``prefill_qkv``'s per-layer (q, k, v): equal to ``prefill``'s cache."""
+    if not policy.shares_prefill():
+        raise ValueError(f"cache policy {policy.name!r} has its own prefill attention; use prefill()")
+    states = tuple(policy.build_layer(i, q, k, v, lengths, max_new_tokens) for i, (q, k, v) in enumerate(qkv))
+    return Cache(layers=states, lengths=lengths.astype(jnp.int32), step=jnp.zeros((), jnp.int32))
+
+
 def decode_step(params, cache: Cache, tokens: jax.Array, *, cfg: LlamaConfig, policy: CachePolicy):
     """One token per sequence (B,) at position ``cache.lengths`` -> (logits (B, V), new cache)."""
     inv_freq = rope_inv_freq(cfg)

@@ -70,10 +70,10 @@ class ProfileRecorder(FullKV):
 
     topk: int = 839
 
-    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
-        out, full = super().prefill_layer(layer, q, k, v, lengths, max_new_tokens)
+    def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
+        full = super().build_layer(layer, q, k, v, lengths, max_new_tokens)
         probs = query_scores(last_rows(q, lengths, 1), k, lengths)[:, :, :, 0]  # (B, Hkv, G, T)
-        return out, RecLayer(full, topk_sets(probs.mean(2), lengths, self.topk))
+        return RecLayer(full, topk_sets(probs.mean(2), lengths, self.topk))
 
     def decode_layer(self, layer, state: RecLayer, q, k, v, cache):
         out, full = super().decode_layer(layer, state.full, q, k, v, cache)

@@ -3,10 +3,13 @@
 The model computes q, k, v (post-RoPE) for every layer and hands them to the policy, which owns
 both the attention computation over what it stores and the layout of what it stores:
 
-* ``prefill_layer(layer, q, k, v, lengths, max_new_tokens)`` -> ``(out, layer_state)``
-  q (B,T,Hq,D), k/v (B,T,Hkv,D) for the whole right-padded prompt, ``lengths`` (B,) real tokens.
-  Must return the causal attention output for every prompt position (use
-  ``attention.prefill_attention``) and the layer's state, sized for ``max_new_tokens`` more.
+* ``build_layer(layer, q, k, v, lengths, max_new_tokens)`` -> ``layer_state``
+  q (B,T,Hq,D), k/v (B,T,Hkv,D) for the whole right-padded prompt, ``lengths`` (B,) real tokens:
+  what the layer keeps, sized for ``max_new_tokens`` more. The default ``prefill_layer`` runs
+  the shared causal prefill attention and then ``build_layer``; since the attention output does
+  not depend on the policy, one prefill can build the caches of many policies
+  (``model.prefill_qkv`` + ``model.build_cache``). A policy whose prefill attention differs
+  overrides ``prefill_layer(...) -> (out, layer_state)`` instead.
 * ``decode_layer(layer, layer_state, q, k, v, cache)`` -> ``(out, layer_state)``
   q (B,Hq,D), k/v (B,Hkv,D) for one new token per sequence at position ``cache.lengths``.
 
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hetero_jax.attention import prefill_attention
 from pallas_kernels import gather_attention
 
 
@@ -79,7 +83,18 @@ class CachePolicy:
         return cls(**options)
 
     def prefill_layer(self, layer: int, q, k, v, lengths, max_new_tokens: int):
+        """Causal attention over the prompt (the same for every policy) + ``build_layer``."""
+        out = prefill_attention(q, k, v, getattr(self, "prefill_chunk", 512))
+        return out, self.build_layer(layer, q, k, v, lengths, max_new_tokens)
+
+    def build_layer(self, layer: int, q, k, v, lengths, max_new_tokens: int):
+        """The layer's stored state from the whole prompt's post-RoPE q, k, v."""
         raise NotImplementedError
+
+    @classmethod
+    def shares_prefill(cls) -> bool:
+        """True when prefill attention is the shared one, so one prefill can feed many policies."""
+        return cls.prefill_layer is CachePolicy.prefill_layer and cls.build_layer is not CachePolicy.build_layer
 
     def decode_layer(self, layer: int, state, q, k, v, cache: Cache):
         raise NotImplementedError

@@ -8,7 +8,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from hetero_jax.attention import prefill_attention
 from hetero_jax.cache.base import Cache, CachePolicy, round_up, scatter_token, segment_attention
 
 
@@ -24,13 +23,11 @@ class FullKV(CachePolicy):
     name: ClassVar[str] = "full"
     prefill_chunk: int = 512
 
-    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
-        out = prefill_attention(q, k, v, self.prefill_chunk)
+    def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         b, t, hkv, d = k.shape
         cap = round_up(t + max_new_tokens, 128)
         pad = [(0, 0), (0, 0), (0, cap - t), (0, 0)]
-        state = FullLayer(jnp.pad(k.transpose(0, 2, 1, 3), pad), jnp.pad(v.transpose(0, 2, 1, 3), pad))
-        return out, state
+        return FullLayer(jnp.pad(k.transpose(0, 2, 1, 3), pad), jnp.pad(v.transpose(0, 2, 1, 3), pad))
 
     def decode_layer(self, layer, state: FullLayer, q, k, v, cache: Cache):
         kbuf = scatter_token(state.k, cache.lengths, k)

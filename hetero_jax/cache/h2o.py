@@ -24,7 +24,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from hetero_jax.attention import prefill_attention
 from hetero_jax.cache.base import Cache, scatter_token
 from hetero_jax.cache.selection import (
     CompressingPolicy,
@@ -81,8 +80,7 @@ class H2O(CompressingPolicy):
         idx = keep_indices(scores, jnp.broadcast_to(n[:, None], scores.shape[:2]), self.static_budget(k.shape[1]))
         return idx, n, acc
 
-    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
-        out = prefill_attention(q, k, v, self.prefill_chunk)
+    def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         idx, n, acc = self.select(q, k, lengths)
         rows = idx.shape[-1] + 1  # the budget + one spare row for the incoming token (no rounding)
         valid = jnp.arange(idx.shape[-1])[None, None, :] < n[:, None, None]
@@ -92,7 +90,7 @@ class H2O(CompressingPolicy):
             jnp.pad(jnp.where(valid, jnp.take_along_axis(acc, idx, axis=2), 0.0), [(0, 0), (0, 0), (0, rows - idx.shape[-1])]),
             jnp.pad(jnp.where(valid, idx, -1), [(0, 0), (0, 0), (0, rows - idx.shape[-1])], constant_values=-1),
         )
-        return out, state
+        return state
 
     def decode_layer(self, layer, state: H2OLayer, q, k, v, cache: Cache):
         b, hkv, s, _ = state.k.shape

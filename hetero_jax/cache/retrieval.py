@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from hetero_jax.attention import prefill_attention
 from hetero_jax.cache.base import Cache, round_up, scatter_token
 from hetero_jax.cache.selection import (
     GROUP_REDUCE,
@@ -146,8 +145,7 @@ class Retrieval(CompressingPolicy):
         scores = forced_scores(votes, lengths, jnp.full_like(lengths, t))
         return keep_indices(scores, jnp.broadcast_to(n[:, None], scores.shape[:2]), self.static_budget(t))
 
-    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
-        out = prefill_attention(q, k, v, self.prefill_chunk)
+    def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         t = k.shape[1]
         check_length(self.ratio, t)
         kh, vh = head_major(k), head_major(v)
@@ -157,7 +155,7 @@ class Retrieval(CompressingPolicy):
         rows = round_up(idx.shape[-1] + max_new_tokens, ROW_ALIGN)
         # ``want`` starts as a distinct buffer from ``use`` (both are donated to the decode step)
         state = RetrievalLayer(pad_rows(kh, t + gen), pad_rows(take_rows(vh, idx), rows), idx, idx + 0, vh, t)
-        return out, state
+        return state
 
     def decode_layer(self, layer, state: RetrievalLayer, q, k, v, cache: Cache):
         step = cache.step

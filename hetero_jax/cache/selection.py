@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax.attention import NEG_INF, _group, pool5, prefill_attention
+from hetero_jax.attention import NEG_INF, _group, pool5
 from hetero_jax.cache.base import Cache, CachePolicy, round_up, scatter_token, segment_attention
 from pallas_kernels import gather_attention
 
@@ -269,14 +269,13 @@ class PromptSelectionPolicy(CompressingPolicy):
         n_keep = jnp.broadcast_to(n_keep.reshape(n_keep.shape[0], -1), scores.shape[:2]).astype(jnp.int32)
         return keep_indices(scores, n_keep, cap), n_keep
 
-    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
-        out = prefill_attention(q, k, v, self.prefill_chunk)
+    def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         idx, n_keep = self.select(layer, q, k, lengths)
         rows = round_up(idx.shape[-1] + max_new_tokens, ROW_ALIGN)
         state = CompactLayer(
             pad_rows(take_rows(head_major(k), idx), rows), pad_rows(take_rows(head_major(v), idx), rows), n_keep
         )
-        return out, state
+        return state
 
     def decode_layer(self, layer, state: CompactLayer, q, k, v, cache: Cache):
         slot = state.kept + cache.step  # (B, Hkv): this token's row
