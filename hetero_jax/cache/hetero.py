@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax.attention import NEG_INF, last_rows, pool5, prefill_attention, query_scores
+from hetero_jax.attention import NEG_INF, last_rows, pool5, query_scores
 from hetero_jax.cache.base import Cache, CachePolicy, array_bytes, is_host_array
 from hetero_jax.profile_io import Profile, as_profile
 from pallas_kernels import gather_attention, topk_overlap
@@ -166,8 +166,7 @@ class HeteroCache(CachePolicy):
         return np.array([self._profile().base_budget(self.ratio, n) for n in range(t + 1)], np.int32)
 
     # ------------------------------------------------------------------ prefill
-    def prefill_layer(self, layer, q, k, v, lengths, max_new_tokens):
-        out = prefill_attention(q, k, v, self.prefill_chunk)
+    def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         b, t, hkv, d = k.shape
         p = self.plan(layer, t, max_new_tokens)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
@@ -196,7 +195,7 @@ class HeteroCache(CachePolicy):
             vs.append(pad)
         state = HeteroLayer(jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), keep, T=t, max_new=max_new_tokens)
         if not p.monitored:
-            return out, state
+            return state
         pivots = [pv for pv, _ in p.monitored]
         npv, g, kmax = len(pivots), q.shape[2] // hkv, int(self._base_table(t)[t])
         kb = jnp.asarray(self._base_table(t))[lengths]
@@ -215,7 +214,7 @@ class HeteroCache(CachePolicy):
             stage_k=kt[:, jnp.asarray(p.sats)],
             stage_v=vt[:, jnp.asarray(p.sats)],
         )
-        return out, state
+        return state
 
     def after_prefill(self, cache: Cache) -> Cache:
         """Move the satellites' prompt KV to host memory (asynchronous device_put)."""
