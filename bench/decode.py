@@ -157,6 +157,29 @@ def run_hf(model, context, new_tokens, repeats, seed=0):
             "prefill_s": statistics.median(pre), "decode_ms": statistics.median(dec)}
 
 
+def memory_fit(rows, param_bytes: int, budget_bytes: int, new_tokens: int) -> list[dict]:
+    """Largest context (batch 1, 8) and batch (at the largest measured context) per policy in a budget.
+
+    Per-token device KV bytes come from the largest measured row of each policy (device_kv_bytes /
+    (batch x (context + new tokens))); the cache grows linearly in tokens, so the fit is
+    (budget - weights) / per-token bytes. Host bytes do not count against the device budget.
+    """
+    out = []
+    for pol in dict.fromkeys(r["policy"] for r in rows if not r["policy"].startswith("hf")):
+        rs = [r for r in rows if r["policy"] == pol]
+        ref = max(rs, key=lambda r: r["batch"] * r["context"])
+        per_token = ref["device_kv_bytes"] / (ref["batch"] * (ref["context"] + new_tokens + 1))
+        free = budget_bytes - param_bytes
+        out.append({
+            "policy": pol,
+            "kv_bytes_per_token": per_token,
+            "max_context_b1": int(free / per_token) if free > 0 else 0,
+            "max_context_b8": int(free / (8 * per_token)) if free > 0 else 0,
+            f"max_batch_at_{ref['context']}": int(free / (per_token * (ref["context"] + new_tokens + 1))) if free > 0 else 0,
+        })
+    return out
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -195,6 +218,8 @@ def main(argv=None):
     ap.add_argument("--hf", action="store_true", help="also time HF transformers full KV (torch CPU, batch 1)")
     ap.add_argument("--hf-repeats", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="1K and 2K contexts, 16 steps, 2 repeats")
+    ap.add_argument("--device-budget-gb", type=float, default=None,
+                    help="also report the largest context / batch each policy fits in this much device memory")
     ap.add_argument("--name", default=None, help="result file stem (default decode-<device>)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -249,6 +274,13 @@ def main(argv=None):
         "compile excluded\n- roofline frac = (weights + KV held on device) / bandwidth / measured step time\n\n"
         + md_table(rows, cols) + "\n"
     )
+    if args.device_budget_gb:
+        fit = memory_fit(rows, pbytes, int(args.device_budget_gb * 1e9), args.new_tokens)
+        payload["memory_fit"] = {"budget_GB": args.device_budget_gb, "rows": fit}
+        fcols = [(k, k.replace("_", " ")) for k in fit[0]]
+        md += (f"\n## What fits in {args.device_budget_gb:g} GB of device memory\n\nWeights {pbytes / 1e9:.2f} GB; "
+               "per-token device KV bytes measured at each policy's largest row; host bytes excluded.\n\n"
+               + md_table(fit, fcols) + "\n")
     jpath, mpath = write_results(stem, payload, md)
     plot(rows, jpath.with_suffix(".png"))
     print(md)
