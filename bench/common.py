@@ -37,6 +37,7 @@ def machine() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews absolute times
         "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
 
@@ -115,5 +116,6 @@ def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def header_md(title: str, info: dict) -> str:
     return (
         f"# {title}\n\n- machine: {info['device']} ({info['cpu_cores']} cores), jax {info['jax']}, "
-        f"python {info['python']}\n- date: {info['date']}\n- command: `{info['command']}`\n"
+        f"python {info['python']}\n- date: {info['date']}; 1-minute load average at start: "
+        f"{info.get('load_avg_1m', '?')} (on {info['cpu_cores']} cores)\n- command: `{info['command']}`\n"
     )
