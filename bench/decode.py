@@ -234,6 +234,11 @@ def main(argv=None):
     pbytes = param_bytes(params)
     rows = []
     contexts = [int(c) for c in args.contexts.split(",")]
+    too_long = [c for c in contexts if c + args.new_tokens + 1 > cfg.max_position_embeddings]
+    if too_long:
+        sys.exit(f"error: contexts {too_long} + {args.new_tokens + 1} new tokens exceed the model's "
+                 f"{cfg.max_position_embeddings}-token window; use at most "
+                 f"{cfg.max_position_embeddings - args.new_tokens - 1}")
     for context in contexts:
         for batch in [int(b) for b in args.batches.split(",")]:
             specs = [parse_policy(spec) for spec in args.policies.split(",")]
