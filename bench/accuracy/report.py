@@ -166,7 +166,7 @@ def plots(rows: list[dict], out: Path) -> list[str]:
         ax.set_ylabel("context length")
         ax.set_title(f"needle in a haystack, {lb} (ROUGE-1 F x100)")
         fig.colorbar(im, ax=ax)
-        made.append(_save(fig, out / f"needle_{lb.replace('@', '_r')}.png"))
+        made.append(_save(fig, out / f"needle_{lb.replace('@', '_r').replace(':', '-')}.png"))
         plt.close(fig)
     fid = [r for r in rows if r["task"] == "fidelity" and r["policy"] != "full"]
     if fid:
