@@ -285,9 +285,20 @@ class Runner:
             **machine(),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.rc).items()
                        if k != "out"},
-            "model_path": str(getattr(lm, "path", "")),
+            "model_path": _portable_path(getattr(lm, "path", "")),
             "model_config": lm.cfg.to_dict() if hasattr(lm.cfg, "to_dict") else None,
             "data": {k: {"requirement": w.requirement, "sha256": w.sha256} for k, w in WHEELS.items()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         })
         write_atomic(path, json.dumps(meta, indent=2, default=str))
+
+
+def _portable_path(path) -> str:
+    """A model path without this machine's home: relative to the hetero-jax cache when inside it."""
+    import convert
+
+    path, home = Path(str(path)), convert.model_home()
+    try:
+        return str(Path("$HETERO_JAX_HOME") / path.relative_to(home))
+    except ValueError:
+        return path.name
