@@ -35,12 +35,6 @@ PRESETS = {
 }
 
 
-def parse_policy(spec: str) -> tuple[str, float | None]:
-    """'hetero:0.5' -> ('hetero', 0.5); 'full' -> ('full', None)."""
-    name, _, ratio = spec.partition(":")
-    return name, float(ratio) if ratio else None
-
-
 def load(spec: str, dtype: str | None):
     """(cfg, params, source) for a model spec: default / path / random:PRESET."""
     import jax.numpy as jnp
@@ -70,15 +64,16 @@ def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0)
 
     Returns one row per policy; the prefill seconds are the shared forward's (compile excluded).
     """
-    from hetero_jax.cache import make_policy
+    from hetero_jax.cache import make_policy, parse_policy_spec
     from hetero_jax.generate import generate, prefill_once
 
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(100, cfg.vocab_size, context).tolist() for _ in range(batch)]
     shared = prefill_once(params, prompts, config=cfg)
     rows = []
-    for name, ratio in policies:
-        policy = make_policy(name, cfg, ratio=ratio)
+    for spec in policies:
+        name, ratio, options = parse_policy_spec(spec)
+        policy = make_policy(name, cfg, ratio=ratio, **options)
         kw = dict(config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[], progress=False, prefilled=shared)
         dec, build = [], []
         for _ in range(repeats + 1):  # the first run pays compilation (timed apart by generate anyway)
@@ -90,7 +85,7 @@ def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0)
         timed = generate(params, prompts, policy, step_times=True, **kw)
         step_ms, stats = np.asarray(timed.timing["step_ms"]), timed.stats
         row = {
-            "policy": name if ratio is None else f"{name}:{ratio}",
+            "policy": spec,
             "context": context,
             "batch": batch,
             "prefill_s": shared.prefill_s,
@@ -100,18 +95,29 @@ def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0)
             "host_kv_bytes": stats["host_bytes"],
             "compile_s": shared.compile_s + timed.timing.get("decode_compile_s", 0),
         }
-        mask = stats.get("refresh_step_mask")
-        if mask is not None:
-            mask = np.asarray(mask, bool)[: len(step_ms)]
-            if mask.any() and (~mask).any():
-                row["refresh_step_ms"] = float(np.median(step_ms[mask]))
-                row["other_step_ms"] = float(np.median(step_ms[~mask]))
+        row.update(step_kinds_ms(step_ms, stats))
         rows.append((row, stats))
         del timed
         gc.collect()
     del shared
     gc.collect()
     return rows
+
+
+def step_kinds_ms(step_ms: np.ndarray, stats: dict) -> dict:
+    """Median ms of check steps (a drift check ran), refresh steps (a refresh was dispatched before
+    the step) and the other steps, from the policy's per-step masks (hetero only)."""
+    if "refresh_step_mask" not in stats:
+        return {}
+    n = len(step_ms)
+    check = np.asarray(stats["check_step_mask"], bool)[:n]
+    refresh = np.asarray(stats["refresh_step_mask"], bool)[:n]
+    other = ~(check | refresh)
+    out = {"check_steps": int(check.sum()), "refresh_steps": int(refresh.sum())}
+    for key, m in (("check_step_ms", check), ("refresh_step_ms", refresh), ("other_step_ms", other)):
+        if m.any():
+            out[key] = float(np.median(step_ms[m]))
+    return out
 
 
 def hf_source(spec: str) -> dict:
@@ -212,7 +218,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--contexts", default="1024,4096,8192", help="comma-separated prompt lengths")
     ap.add_argument("--batches", default="1", help="comma-separated batch sizes")
-    ap.add_argument("--policies", default="full", help="comma-separated NAME[:RATIO], e.g. full,hetero:0.5,snapkv:0.5")
+    ap.add_argument("--policies", default="full", help="comma-separated NAME[:RATIO][:OPTION=VALUE...], e.g. "
+                    "full,hetero:0.5,hetero:0.5:lag=2,snapkv:0.5")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
     ap.add_argument("--hf", action="store_true", help="also time HF transformers full KV (torch CPU, batch 1)")
@@ -241,7 +248,7 @@ def main(argv=None):
                  f"{cfg.max_position_embeddings - args.new_tokens - 1}")
     for context in contexts:
         for batch in [int(b) for b in args.batches.split(",")]:
-            specs = [parse_policy(spec) for spec in args.policies.split(",")]
+            specs = args.policies.split(",")
             for row, stats in run_ours(cfg, params, specs, context, batch, args.new_tokens, args.repeats):
                 row["bytes_per_step"] = bytes_read_per_step(pbytes, stats)
                 row["roofline_ms"] = 1000 * row["bytes_per_step"] / bw
@@ -272,7 +279,8 @@ def main(argv=None):
             ("decode_ms", "decode ms/tok"), ("x_hf_ms", "x HF ms/tok"), ("device_kv_bytes", "device KV B"),
             ("host_kv_bytes", "host KV B"), ("bytes_per_step", "bytes/step"), ("roofline_frac", "roofline frac"),
             ("speedup_vs_full", "speedup vs full"), ("byte_ratio_vs_full", "byte ratio vs full"),
-            ("refresh_step_ms", "refresh step ms"), ("other_step_ms", "other step ms")]
+            ("check_step_ms", "check step ms"), ("refresh_step_ms", "refresh step ms"),
+            ("other_step_ms", "other step ms")]
     md = header_md(f"Decode benchmark: {args.model}", info) + (
         f"- measured read bandwidth: {bw / 1e9:.1f} GB/s (1 GiB f32 matvec, median)\n"
         f"- weights: {pbytes / 1e6:.0f} MB; medians of {args.repeats} runs x {args.new_tokens} decode steps; "

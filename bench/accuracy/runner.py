@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.accuracy import fidelity, ruler, scoring, synthetic
 from bench.accuracy.results import ResultsFile, row_key, write_atomic
+from hetero_jax.cache import parse_policy_spec
 
 SUITES = {"ruler": ruler.TASKS, "needle": ("needle",), "passkey": ("passkey",), "fidelity": ("fidelity",)}
 ALL_TASKS = tuple(t for group in SUITES.values() for t in group)
@@ -67,29 +68,6 @@ class RunConfig:
         if name == "full":
             return None
         return self.ratio if ratio is None else ratio
-
-
-def parse_policy_spec(spec: str) -> tuple[str, float | None, dict]:
-    """'hetero:0.4:threshold=1:steps=5' -> ('hetero', 0.4, {'threshold': 1.0, 'steps': 5}).
-
-    A policy in --policies is a registry name, optionally with its own ratio (overriding --ratio)
-    and options of the policy's ``create`` (numbers parsed as int or float, else strings).
-    """
-    name, *parts = spec.split(":")
-    ratio, options = None, {}
-    for part in parts:
-        if "=" not in part:
-            ratio = float(part)
-            continue
-        key, value = part.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        options[key] = value
-    return name, ratio, options
 
 
 class Runner:

@@ -42,4 +42,31 @@ def make_policy(name: str, cfg, *, ratio: float | None = None, **options) -> Cac
     return policy_class(name).create(cfg, ratio=ratio, **options)
 
 
-__all__ = ["Cache", "CachePolicy", "POLICIES", "UnknownPolicyError", "make_policy", "policy_class"]
+def parse_policy_spec(spec: str) -> tuple[str, float | None, dict]:
+    """'hetero:0.4:threshold=1:steps=5' -> ('hetero', 0.4, {'threshold': 1.0, 'steps': 5}).
+
+    The policy strings of the benchmarks: a registry name, optionally its own ratio and options of
+    the policy's ``create`` (numbers parsed as int or float, else strings).
+    """
+    name, *parts = spec.split(":")
+    ratio, options = None, {}
+    for part in parts:
+        if "=" not in part:
+            try:
+                ratio = float(part)
+            except ValueError:
+                raise ValueError(f"bad policy spec {spec!r}: {part!r} is neither a ratio nor OPTION=VALUE") from None
+            continue
+        key, value = part.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key] = value
+    return name, ratio, options
+
+
+__all__ = ["Cache", "CachePolicy", "POLICIES", "UnknownPolicyError", "make_policy", "parse_policy_spec",
+           "policy_class"]

@@ -8,14 +8,33 @@ rows (a dynamic per-sequence count, so ragged prompts get their own budgets) the
 generated ones. Nothing is padded to the full length, so device memory really shrinks.
 
 Drift (section 4). Layers whose pivots have satellites buffer the pivots' decode queries; every
-``steps`` steps the decode step itself (on device) scores them against the pivot's prompt keys,
-compares top-K sets with the reference set, and on drift stores a refresh request. Outside jit,
-``before_step`` of the next step dispatches a jitted refresh that gathers the satellites' new
-rows from the host copy (host compute, only the chosen rows cross to the device, inside a
-``lax.cond`` so nothing moves without a trigger) and writes them into the satellites' slots.
-Nothing reads a device value on the host: lag one step, as the authors' code (check after the
-layer's attention at step t, refreshed rows used from step t + 1). The refresh program is
-compiled once per shape in ``after_prefill``, so the first refresh does not stall on a compile.
+``steps`` steps the decode step itself (on device) compares the top-K sets of the window's pooled
+scores over the pivot's prompt keys with the reference set, and on drift stores a refresh request.
+Outside jit, ``before_step`` of the next step dispatches a jitted refresh that gathers the
+satellites' new rows from the host copy (host compute, only the chosen rows cross to the device,
+inside a ``lax.cond`` so nothing moves without a trigger) and writes them into the satellites'
+slots. Nothing reads a device value on the host. The refresh programs are compiled in
+``after_prefill``, so the first refresh does not stall on a compile.
+
+Options beyond the reference (defaults keep its behaviour; hetero_drift.py has the arithmetic):
+
+* ``check_impl``: how the overlap is computed, all exact (the same sets as ``lax.top_k``, ties
+  to the lowest position). "spread" (default): each step scores its own query and stores its
+  overlap, so a check step only takes a median (the same numbers as computing them at the check:
+  the reference set only changes at checks); "select": all at the check step; "topk": the
+  original sort-based top-k + set intersection. The top-k list of a new reference set is built
+  only when a trigger fires.
+* ``stagger``: layer l checks at steps s with (s + 1 - l % steps) % steps == 0 (and a full window),
+  the same frequency per pivot with the cost spread over steps; off by default since the windows
+  (and so the decisions) of most layers move.
+* ``lag``: 1 (the authors: a trigger at step t, rows used from step t + 1; the refresh serialises
+  before step t + 1); 2: the rows are selected (device) and gathered (host) while step t + 1 runs
+  and written before step t + 2.
+* ``select_window``: 1 (the reference: the last prompt query picks the compressed heads' tokens);
+  w > 1: SnapKV's rule for them, the last w queries vote and their own tokens are always kept.
+  The pivots' reference sets stay the last query's (the drift check is unchanged).
+* ``threshold_mode``: "fixed" (``threshold``) or "rate": the threshold of the pivots checked together
+  is steered after every check towards refreshing ``target_rate`` of pivot checks.
 """
 
 from __future__ import annotations
@@ -32,10 +51,11 @@ import numpy as np
 
 from hetero_jax.attention import NEG_INF, last_rows, pool5, query_scores
 from hetero_jax.cache.base import Cache, CachePolicy, array_bytes, is_host_array
+from hetero_jax.cache.hetero_drift import (compact_positions, in_position_order, out_shapes, program, ref_overlap,
+                                          topk_mask)
+from hetero_jax.cache.selection import forced_scores, window_votes
 from hetero_jax.profile_io import Profile, as_profile
 from pallas_kernels import gather_attention, topk_overlap
-
-LAG_STEPS = 1
 
 
 @jax.tree_util.register_dataclass
@@ -53,6 +73,9 @@ class HeteroLayer:
     checks: Any = None  # (P,) int32 counters
     refreshes: Any = None  # (P,) int32
     rows_moved: Any = None  # (P,) int32 rows gathered host -> device (K and V count once)
+    thr: Any = None  # () f32 drift threshold in force (constant unless threshold_mode="rate")
+    ovbuf: Any = None  # (B, steps, P) f32 per-step overlaps (check_impl="spread")
+    fired: Any = None  # (max_new,) bool: a check at that decode step asked for a refresh (for stats)
     stage_k: Any = None  # (B, S, T, D) satellites' prompt K until after_prefill moves it to host
     stage_v: Any = None
     T: int = dataclasses.field(default=0, metadata=dict(static=True))
@@ -63,6 +86,7 @@ class HeteroLayer:
 @dataclasses.dataclass
 class HeteroHost:
     kv: tuple  # per layer: None or (k, v) (B, S, T, D) satellites' prompt KV in host memory
+    pending: Any = None  # lag 2: per layer None or (selection, rows) fetched, written next step
     steps_seen: int = dataclasses.field(default=0, metadata=dict(static=True))  # before_step calls
 
 
@@ -80,14 +104,6 @@ class _LayerPlan:
 def _host_kind() -> str | None:
     kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
     return next((k for k in ("pinned_host", "unpinned_host") if k in kinds), None)
-
-
-def _in_position_order(idx, keep):
-    """Top-k indices ``idx`` (..., k), best first -> the best ``keep[...]`` of them in position
-    order, 0 past ``keep``, and that mask (the authors' masked sort)."""
-    m = jnp.arange(idx.shape[-1]) < keep[..., None]
-    pos = jnp.sort(jnp.where(m, idx, jnp.iinfo(jnp.int32).max), axis=-1)
-    return jnp.where(m, pos, 0), m
 
 
 def _group_max_scores(probs, prompt_len):
@@ -108,6 +124,13 @@ class HeteroCache(CachePolicy):
     threshold: float = 0.5  # drift trigger: median overlap below it refreshes
     trigger: str = "batch"  # "batch": batch-mean overlap (authors); "sequence": per sequence
     refresh_select: str = "topk"  # "topk": top cap_j (REFERENCE); "authors": prefix of top max cap
+    check_impl: str = "spread"  # "spread" | "select" | "topk" (module docstring)
+    stagger: bool = False  # layer l checks at phase l % steps
+    lag: int = 1  # steps from a check to the step that first uses the refreshed rows (1 or 2)
+    select_window: int = 1  # prompt queries that pick compressed heads' tokens (1: the reference)
+    threshold_mode: str = "fixed"  # "fixed" | "rate"
+    target_rate: float = 0.15  # "rate": fraction of pivot checks that refresh
+    rate_gain: float = 0.2  # "rate": threshold change per check per unit rate error
     offload: bool = True
     prefill_chunk: int = 512
     profile_name: str = ""
@@ -137,6 +160,17 @@ class HeteroCache(CachePolicy):
             raise ValueError(f"trigger must be 'batch' or 'sequence', got {self.trigger!r}")
         if self.refresh_select not in ("topk", "authors"):
             raise ValueError(f"refresh_select must be 'topk' or 'authors', got {self.refresh_select!r}")
+        if self.check_impl not in ("spread", "select", "topk"):
+            raise ValueError(f"check_impl must be 'spread', 'select' or 'topk', got {self.check_impl!r}")
+        if self.lag not in (1, 2):
+            raise ValueError(f"lag (steps from a check to the refreshed rows' use) must be 1 or 2, got {self.lag!r}")
+        if not (isinstance(self.select_window, int) and self.select_window >= 1):
+            raise ValueError(f"select_window (prompt queries voting for kept tokens) must be an int >= 1, "
+                             f"got {self.select_window!r}")
+        if self.threshold_mode not in ("fixed", "rate"):
+            raise ValueError(f"threshold_mode must be 'fixed' or 'rate', got {self.threshold_mode!r}")
+        if not (0.0 < self.target_rate < 1.0 and self.rate_gain > 0.0):
+            raise ValueError(f"need 0 < target_rate < 1 and rate_gain > 0, got {self.target_rate}, {self.rate_gain}")
         if self.roles:
             self._profile().check_ratio(self.ratio)
 
@@ -179,7 +213,8 @@ class HeteroCache(CachePolicy):
         if comp:  # all compressed heads of the layer in one top-k and one gather
             ci = jnp.asarray(comp)
             kc = max(p.caps[h] for h in comp)
-            pos, m = _in_position_order(jax.lax.top_k(scores[:, ci], kc)[1], keep[:, ci])
+            sel_scores = scores if self.select_window == 1 else self._window_scores(q, k, lengths, keep[:, ci])
+            pos, m = in_position_order(jax.lax.top_k(sel_scores[:, ci], kc)[1], keep[:, ci])
             sel = lambda x: jnp.where(m[..., None], jnp.take_along_axis(x[:, ci], pos[..., None], 2), 0)  # noqa: E731
             sel_k, sel_v = sel(kt), sel(vt)  # (B, Hc, kc, D)
         ks, vs = [], []
@@ -211,10 +246,22 @@ class HeteroCache(CachePolicy):
             checks=jnp.zeros((npv,), jnp.int32),
             refreshes=jnp.zeros((npv,), jnp.int32),
             rows_moved=jnp.zeros((npv,), jnp.int32),
+            fired=jnp.zeros((max(max_new_tokens, 1),), bool),
+            thr=jnp.asarray(self.threshold, jnp.float32),
+            ovbuf=jnp.ones((b, self.steps, npv), jnp.float32) if self.check_impl == "spread" else None,
             stage_k=kt[:, jnp.asarray(p.sats)],
             stage_v=vt[:, jnp.asarray(p.sats)],
         )
         return state
+
+    def _window_scores(self, q, k, lengths, keeps):
+        """select_window > 1 (beyond the reference): SnapKV's rule for the compressed heads. The last
+        ``w`` prompt queries vote (causal softmax summed over the rows, pool5, group max) and the
+        window's own tokens are always kept, w clipped to the smallest compressed budget of the
+        sequence so every head keeps its whole window."""
+        w = jnp.minimum(self.select_window, keeps.min(1))  # (B,)
+        votes = window_votes(q, k, lengths, self.select_window, 5, "max", w)
+        return forced_scores(votes, lengths, lengths - w)
 
     def after_prefill(self, cache: Cache) -> Cache:
         """Move the satellites' prompt KV to host memory (asynchronous device_put)."""
@@ -231,12 +278,17 @@ class HeteroCache(CachePolicy):
             move = (lambda x: jax.device_put(x, x.sharding.with_memory_kind(kind))) if kind else (lambda x: x)
             kv.append((move(st.stage_k), move(st.stage_v)))
             layers.append(dataclasses.replace(st, stage_k=None, stage_v=None))
-        idx = tuple(l for l, x in enumerate(kv) if x is not None)
-        if idx:  # compile the refresh now (shapes are known), not at the first check
-            _compiled_refresh(self, idx, (tuple(layers[l] for l in idx), tuple(kv[l] for l in idx)))
-        return dataclasses.replace(cache, layers=tuple(layers), host=HeteroHost(tuple(kv), 0))
+        host = HeteroHost(tuple(kv), None, 0)
+        for n in range(self.steps if self.stagger else 1):  # compile the refresh programs now, not at a check
+            due = self._due(host, n + self.steps)
+            if due:
+                self._refresh_programs(tuple(layers), host, due)
+        return dataclasses.replace(cache, layers=tuple(layers), host=host)
 
     # ------------------------------------------------------------------ decode
+    def _phase(self, layer: int) -> int:
+        return layer % self.steps if self.stagger else 0
+
     def decode_layer(self, layer, st: HeteroLayer, q, k, v, cache: Cache):
         p = self.plan(layer, st.T, st.max_new)
         b, hkv, d = k.shape
@@ -249,105 +301,135 @@ class HeteroCache(CachePolicy):
         out = gather_attention(qg, kp, vp, st.keep + step + 1, starts=p.starts, capacity=p.segs)
         st = dataclasses.replace(st, k=kp, v=vp)
         if p.monitored:
-            st = self._monitor(p, st, qg, cache)
+            st = self._monitor(layer, p, st, qg, cache)
         return out.reshape(q.shape), st
 
-    def _monitor(self, p: _LayerPlan, st: HeteroLayer, qg, cache: Cache) -> HeteroLayer:
+    def _pivot_scores(self, p: _LayerPlan, st: HeteroLayer, plen, q):
+        """q (B, W, P, G, D) pivots' queries -> (B, W, P, T) pooled group-max softmax over the prompt."""
+        t, d = st.T, q.shape[-1]
+        keys = jnp.stack([st.k[:, p.starts[pv]: p.starts[pv] + t] for pv, _ in p.monitored], 1)  # (B, P, T, D)
+        s = jnp.einsum("bwpgd,bptd->bwpgt", q.astype(jnp.float32), keys.astype(jnp.float32)) / math.sqrt(d)
+        inside = jnp.arange(t)[None, :] < plen[:, None]
+        s = jnp.where(inside[:, None, None, None, :], s, NEG_INF)
+        return _group_max_scores(jax.nn.softmax(s, -1), plen[:, None, None])
+
+    def _monitor(self, layer: int, p: _LayerPlan, st: HeteroLayer, qg, cache: Cache) -> HeteroLayer:
         """Buffer the pivots' queries; every ``steps`` steps run the drift check (on device)."""
-        pivots = [pv for pv, _ in p.monitored]
-        step = cache.step
-        qbuf = st.qbuf.at[:, step % self.steps].set(qg[:, jnp.asarray(pivots)].astype(st.qbuf.dtype))
-        t, d = st.T, qg.shape[-1]
+        pivots = jnp.asarray([pv for pv, _ in p.monitored])
+        step, n = cache.step, self.steps
+        slot = step % n
+        qbuf = st.qbuf.at[:, slot].set(qg[:, pivots].astype(st.qbuf.dtype))
         kmax = st.ref.shape[-1]
         plen = cache.lengths - step  # real prompt length per sequence
-        kb = jnp.asarray(self._base_table(t))[plen]
+        kb = jnp.asarray(self._base_table(st.T))[plen]
+        r = jnp.arange(kmax)
+        inb = r[None, :] < kb[:, None]  # (B, Kmax)
+        ovbuf = st.ovbuf
+        if self.check_impl == "spread":  # this step's share of the check: its own query's overlap
+            now = self._pivot_scores(p, st, plen, qbuf[:, slot][:, None])[:, 0]  # (B, P, T)
+            now_top = topk_mask(now, kb[:, None])
+            ovbuf = ovbuf.at[:, slot].set(ref_overlap(now_top, st.ref, kb))
 
         def check(carry):
-            ref, req, flag, med, checks, refreshes = carry
-            keys = jnp.stack([st.k[:, p.starts[pv]: p.starts[pv] + t] for pv in pivots], 1)  # (B, P, T, D)
-            s = jnp.einsum("bwpgd,bptd->bwpgt", qbuf.astype(jnp.float32), keys.astype(jnp.float32)) / math.sqrt(d)
-            inside = jnp.arange(t)[None, :] < plen[:, None]
-            s = jnp.where(inside[:, None, None, None, :], s, NEG_INF)
-            scores = _group_max_scores(jax.nn.softmax(s, -1), plen[:, None, None])  # (B, W, P, T)
-            idx = jax.lax.top_k(scores, kmax)[1]  # (B, W, P, Kmax)
-            r = jnp.arange(kmax)
-            inb = r[None, :] < kb[:, None]  # (B, Kmax)
-            cur = jnp.where(inb[:, None, None, :], idx, -1 - r)
-            ov = topk_overlap(cur, ref[:, None]) * (kmax / jnp.maximum(kb, 1))[:, None, None]  # (B, W, P)
+            ref, req, flag, med, checks, refreshes, fired = carry
+            if self.check_impl == "spread":
+                ov, last, last_top = ovbuf, now, now_top
+            else:
+                s = self._pivot_scores(p, st, plen, qbuf)  # (B, W, P, T)
+                last = jnp.take(s, slot, axis=1)
+                if self.check_impl == "select":
+                    top = topk_mask(s, kb[:, None, None])
+                    ov, last_top = ref_overlap(top, ref[:, None], kb), jnp.take(top, slot, axis=1)
+                else:  # the original: top-k index lists and their intersection
+                    cur = jnp.where(inb[:, None, None, :], jax.lax.top_k(s, kmax)[1], -1 - r)
+                    ov = topk_overlap(cur, ref[:, None]) * (kmax / jnp.maximum(kb, 1))[:, None, None]  # (B, W, P)
             if self.trigger == "batch":
                 med = jnp.broadcast_to(jnp.median(ov.mean(0), axis=0), flag.shape)
             else:
                 med = jnp.median(ov, axis=1)
-            trig = med < self.threshold
-            new_ref = jnp.where(inb[:, None, :], idx[:, -1], -1 - kmax - r).astype(jnp.int32)
-            ref = jnp.where(trig[..., None], new_ref, ref)
-            return ref, scores[:, -1], trig, med.astype(jnp.float32), checks + 1, refreshes + trig.any(0).astype(jnp.int32)
+            trig = med < st.thr
 
-        carry = (st.ref, st.req, st.flag, st.overlap, st.checks, st.refreshes)
-        carry = jax.lax.cond((step + 1) % self.steps == 0, check, lambda c: c, carry)
-        ref, req, flag, med, checks, refreshes = carry
+            def new_ref(ref):  # the new set as an index list (position order), built on a trigger only
+                if self.check_impl == "topk":
+                    idx = jnp.where(inb[:, None, :], jax.lax.top_k(last, kmax)[1], -1 - kmax - r)
+                else:
+                    idx = compact_positions(last_top, kmax, -1 - kmax - r)
+                return jnp.where(trig[..., None], idx, ref).astype(jnp.int32)
+
+            ref = jax.lax.cond(trig.any(), new_ref, lambda x: x, ref)
+            fired = fired.at[step].set(trig.any(), mode="drop")
+            return (ref, last, trig, med.astype(jnp.float32), checks + 1, refreshes + trig.any(0).astype(jnp.int32),
+                    fired)
+
+        carry = (st.ref, st.req, st.flag, st.overlap, st.checks, st.refreshes, st.fired)
+        carry = jax.lax.cond(self._checks_at(layer, step), check, lambda c: c, carry)
+        ref, req, flag, med, checks, refreshes, fired = carry
         return dataclasses.replace(st, qbuf=qbuf, ref=ref, req=req, flag=flag, overlap=med, checks=checks,
-                                   refreshes=refreshes)
+                                   refreshes=refreshes, ovbuf=ovbuf, fired=fired)
+
+    def _checks_at(self, layer: int, step):
+        """Whether layer ``layer`` runs its drift check in decode step ``step`` (traced or int)."""
+        k = step + 1 - self._phase(layer)
+        return (k % self.steps == 0) & (k > 0)
 
     # ------------------------------------------------------------------ refresh (outside jit)
+    def _due(self, host: HeteroHost, n: int) -> tuple:
+        """Monitored layers whose check ran at decode step n - 1."""
+        return tuple(l for l, kv in enumerate(host.kv)
+                     if kv is not None and n - self._phase(l) > 0 and (n - self._phase(l)) % self.steps == 0)
+
     def before_step(self, cache: Cache) -> Cache:
-        """After a check step, dispatch the refresh of triggered satellites (never blocks)."""
+        """After a layer's check step, dispatch its refresh (lag 1) or its fetch, written one step
+        later (lag 2). Never blocks."""
         h = cache.host
         if not isinstance(h, HeteroHost):
             return cache
-        n = h.steps_seen
-        cache = dataclasses.replace(cache, host=dataclasses.replace(h, steps_seen=n + 1))
-        if n == 0 or n % self.steps:
-            return cache
-        idx = tuple(l for l, kv in enumerate(h.kv) if kv is not None)
-        if not idx:
-            return cache
-        return self.refresh(cache, idx)
+        n, pending = h.steps_seen, h.pending
+        h = dataclasses.replace(h, steps_seen=n + 1, pending=None)
+        cache = dataclasses.replace(cache, host=h)
+        due = self._due(h, n)
+        if self.lag == 1:
+            return self.refresh(cache, due) if due else cache
+        new = None
+        if due:  # select (device, reads the state) then gather (host): the gather runs alongside step n
+            states = tuple(cache.layers[l] for l in due)
+            kvs = tuple(h.kv[l] for l in due)
+            select, fetch, _ = self._refresh_programs(cache.layers, h, due)
+            sel = select(tuple((s.req, s.flag, s.keep) for s in states))
+            got = dict(zip(due, zip(sel, fetch(sel, kvs))))
+            new = tuple(got.get(l) for l in range(len(cache.layers)))
+        if pending is not None:
+            idx = tuple(l for l, x in enumerate(pending) if x is not None)
+            apply = self._refresh_programs(cache.layers, h, idx)[2]
+            out = list(cache.layers)
+            states = apply(tuple(out[l] for l in idx), tuple(pending[l] for l in idx))
+            for l, st in zip(idx, states):
+                out[l] = st
+            cache = dataclasses.replace(cache, layers=tuple(out))
+        return dataclasses.replace(cache, host=dataclasses.replace(cache.host, pending=new))
 
     def refresh(self, cache: Cache, layers: tuple) -> Cache:
-        """Apply pending refresh requests of ``layers`` (asynchronous dispatch)."""
+        """Apply pending refresh requests of ``layers`` now (asynchronous dispatch)."""
         args = (tuple(cache.layers[l] for l in layers), tuple(cache.host.kv[l] for l in layers))
-        new = _compiled_refresh(self, layers, args)(*args)
+        new = self._refresh_programs(cache.layers, cache.host, layers)(*args)
         out = list(cache.layers)
         for l, st in zip(layers, new):
             out[l] = st
         return dataclasses.replace(cache, layers=tuple(out))
 
-    def _refresh_layer(self, layer: int, st: HeteroLayer, kv, host_kind, dev) -> HeteroLayer:
-        p = self.plan(layer, st.T, st.max_new)
-        hk, hv = kv
-        b = st.k.shape[0]
-        for pi, (_, sats) in enumerate(p.monitored):
-            live = [j for j in sats if p.caps[j] > 0]
-            if not live:
-                continue
-
-            def do(st, pi=pi, live=live):
-                flag = st.flag[:, pi]
-                k, v = st.k, st.v
-                kc = max(p.caps[j] for j in live)
-                keeps = st.keep[:, jnp.asarray(live)]  # (B, S)
-                idx = jax.lax.top_k(st.req[:, pi], kc)[1][:, None]  # (B, 1, kc): one top-k per pivot
-                if self.refresh_select == "authors":  # the top max-keep by position, each takes a prefix
-                    pos, _ = _in_position_order(idx, keeps.max(1, keepdims=True))
-                    pos = jnp.broadcast_to(pos, keeps.shape + (kc,))
-                    m = jnp.arange(kc)[None, None, :] < keeps[..., None]
-                    pos = jnp.where(m, pos, 0)
-                else:
-                    pos, m = _in_position_order(jnp.broadcast_to(idx, keeps.shape + (kc,)), keeps)
-                for i, j in enumerate(live):  # each satellite moves exactly its cap_j rows
-                    cap = p.caps[j]
-                    slot = jnp.asarray([p.sats.index(j)])
-                    rows_k, rows_v = _gather_rows(hk, hv, slot, pos[:, i:i + 1, :cap], host_kind, dev)
-                    w = (m[:, i, :cap] & flag[:, None])[..., None]
-                    sl = slice(p.starts[j], p.starts[j] + cap)
-                    k = k.at[:, sl].set(jnp.where(w, rows_k[:, 0].astype(k.dtype), k[:, sl]))
-                    v = v.at[:, sl].set(jnp.where(w, rows_v[:, 0].astype(v.dtype), v[:, sl]))
-                moved = st.rows_moved.at[pi].add(b * sum(p.caps[j] for j in live))
-                return dataclasses.replace(st, k=k, v=v, rows_moved=moved, flag=st.flag.at[:, pi].set(False))
-
-            st = jax.lax.cond(st.flag[:, pi].any(), do, lambda s: s, st)
-        return st
+    def _refresh_programs(self, states, host: HeteroHost, layers: tuple):
+        """Compiled (once per shape) refresh of ``layers`` (lag 1), or (select, fetch, apply) (lag 2)."""
+        st, kvs = tuple(states[l] for l in layers), tuple(host.kv[l] for l in layers)
+        kinds = tuple(kv[0].sharding.memory_kind if is_host_array(kv[0]) else None for kv in kvs)
+        dev = st[0].k.sharding
+        env = (self, tuple((l, s.T, s.max_new) for l, s in zip(layers, st)), kinds, dev)
+        if self.lag == 1:
+            return program(env, "refresh", (st, kvs), (0,))
+        src = (tuple((s.req, s.flag, s.keep) for s in st),)
+        sel = out_shapes(env, "select", src)
+        rows = out_shapes(env, "fetch", (sel, kvs))
+        return (program(env, "select", src), program(env, "fetch", (sel, kvs)),
+                program(env, "apply", (st, tuple(zip(sel, rows))), (0,)))
 
     # ------------------------------------------------------------------ stats
     def stats(self, cache: Cache) -> dict:
@@ -368,7 +450,9 @@ class HeteroCache(CachePolicy):
         prompt_slots = sum(sum(self.plan(l, st.T, st.max_new).caps) for l, st in enumerate(cache.layers))
         out.update({
             "ratio": self.ratio, "profile": self.profile_name, "steps": self.steps, "threshold": self.threshold,
-            "lag_steps": LAG_STEPS, "counts": self._profile().counts(),
+            "lag_steps": self.lag, "check_impl": self.check_impl, "stagger": self.stagger,
+            "threshold_mode": self.threshold_mode, "counts": self._profile().counts(),
+            "thresholds": [float(st.thr) if st.thr is not None else None for st in cache.layers],
             "prompt_slots_device": prompt_slots,
             "prompt_slots_full": st0.T * sum(len(r) for r in self.roles),
             "checks": sum(x["checks"] for x in per_pivot),
@@ -376,55 +460,19 @@ class HeteroCache(CachePolicy):
             "bytes_moved": sum(x["bytes_moved"] for x in per_pivot),
             "refreshes_per_layer": per_layer,
             "per_pivot": per_pivot,
-            "host_prompt_bytes": array_bytes(cache.host),
+            "host_prompt_bytes": array_bytes(cache.host.kv) if isinstance(cache.host, HeteroHost) else 0,
         })
+        out.update(self._step_masks(cache))
         return out
 
-
-def _gather_rows(hk, hv, slots, pos, host_kind, dev):
-    """Rows ``pos`` (B, S, C) of satellite slots ``slots`` (S,) from the (B, S_all, T, D) prompt
-    copy -> device (B, S, C, D).
-
-    With a host copy (``host_kind`` given) the gather runs as host compute and only the gathered
-    rows are put on the device; otherwise (no host memory kind) it is a plain device gather.
-    """
-    b, s, c = pos.shape
-    d = hk.shape[-1]
-    bi = jnp.broadcast_to(jnp.arange(b)[:, None, None], pos.shape)
-    si = jnp.broadcast_to(slots[None, :, None], pos.shape)
-    idx = jnp.stack([bi, si, pos], -1).astype(jnp.int32)
-    dn = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=(0, 1, 2), start_index_map=(0, 1, 2))
-
-    def gather(x, i):
-        return jax.lax.gather(x, i, dn, slice_sizes=(1, 1, 1, d), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-
-    if host_kind is None:
-        return gather(hk, idx), gather(hv, idx)
-    try:  # a context manager in jax 0.10, a function transform later: the call form works in both
-        from jax.experimental.compute_on import compute_on
-    except ImportError:  # no host compute: bring the copy over whole, then gather (moves more bytes)
-        return gather(jax.device_put(hk, dev), idx), gather(jax.device_put(hv, dev), idx)
-    hidx = jax.device_put(idx, dev.with_memory_kind(host_kind))
-    rk, rv = compute_on("device_host")(lambda a, b_, i: (gather(a, i), gather(b_, i)))(hk, hv, hidx)
-    return jax.device_put(rk, dev), jax.device_put(rv, dev)
-
-
-_REFRESH: dict = {}
-
-
-def _compiled_refresh(policy: HeteroCache, layers: tuple, args):
-    """The refresh program for these layers and shapes, compiled once (ahead of time, from
-    ``after_prefill``, so the first refresh does not stall decoding on a compile)."""
-    states, kvs = args
-    kinds = tuple(kv[0].sharding.memory_kind if is_host_array(kv[0]) else None for kv in kvs)
-    dev = states[0].k.sharding
-    avals = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
-    key = (policy, layers, kinds, dev, jax.tree.structure(args), avals)
-    if key not in _REFRESH:
-        def run(states, kvs):
-            return tuple(policy._refresh_layer(l, st, kv, h, dev) for l, st, kv, h in zip(layers, states, kvs, kinds))
-
-        if len(_REFRESH) > 16:
-            _REFRESH.clear()
-        _REFRESH[key] = jax.jit(run, donate_argnums=(0,)).lower(*args).compile()
-    return _REFRESH[key]
+    def _step_masks(self, cache: Cache) -> dict:
+        """Per decode step (0 = the first after prefill): did a check run in it, and was a refresh
+        dispatched before it (a check in the step before fired). For bench.decode's step timing."""
+        monitored = [(l, st) for l, st in enumerate(cache.layers) if st.fired is not None]
+        if not monitored:
+            return {}
+        n = monitored[0][1].max_new
+        check = [any(bool(self._checks_at(l, i)) for l, _ in monitored) for i in range(n)]
+        fired = np.any([np.asarray(st.fired)[:n] for _, st in monitored], axis=0)
+        refresh = [False] + [bool(x) for x in fired[:-1]]
+        return {"check_step_mask": check, "refresh_step_mask": refresh}
