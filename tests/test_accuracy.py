@@ -189,3 +189,33 @@ def test_runner_smoke_default_model(tmp_path, capsys):
     assert 1 < fid[0]["metrics"]["ppl_full"] < 1000  # a real model on real English text
     md = (tmp_path / "report.md").read_text()
     assert "niah_single_1" in md and "Fidelity" in md
+
+
+def test_paired_table_against_full_by_hand(seed):
+    """The paired RULER comparison: averages, difference and counts by hand; the bootstrap interval
+    holds the point estimate and collapses when every pair agrees."""
+    rng = np.random.default_rng(seed)
+    tasks, n = ["niah_single_1", "vt", "cwe"], 4
+    full = {(t, s): float(rng.choice([0.0, 50.0, 100.0])) for t in tasks for s in range(n)}
+    pol = {k: float(rng.choice([0.0, 100.0])) for k in full}
+
+    def row(policy, ratio, key, score):
+        return {"policy": policy, "ratio": ratio, "task": key[0], "sample": key[1], "length": 4096, "score": score}
+
+    rows = [row("full", None, k, v) for k, v in full.items()] + [row("x", 0.5, k, v) for k, v in pol.items()]
+    rows += [row("same", 0.5, k, v) for k, v in full.items()]
+    md = report.paired_table(rows, reps=500)
+    lines = {ln.split(" | ")[0].strip("| "): ln.split(" | ") for ln in md.splitlines() if ln.startswith("| x@") or
+             ln.startswith("| same@")}
+    fa = np.mean([np.mean([full[(t, s)] for s in range(n)]) for t in tasks])
+    pa = np.mean([np.mean([pol[(t, s)] for s in range(n)]) for t in tasks])
+    x = lines["x@0.5"]
+    assert float(x[4]) == pytest.approx(fa, abs=0.006) and float(x[5]) == pytest.approx(pa, abs=0.006)
+    assert float(x[6]) == pytest.approx(pa - fa, abs=0.011)
+    lo, hi = (float(v) for v in x[7].strip("[]").split(","))
+    assert lo - 0.01 <= pa - fa <= hi + 0.01
+    better = sum(pol[k] > full[k] for k in full)
+    worse = sum(pol[k] < full[k] for k in full)
+    assert x[10].strip(" |") == f"{better} / {worse} / {len(full) - better - worse}"
+    same = lines["same@0.5"]
+    assert same[7] == "[0.00, 0.00]" and same[10].strip(" |") == f"0 / 0 / {len(full)}"

@@ -2,7 +2,7 @@
 
 Everything here is computed from the JSONL rows (nothing typed in): per task, policy and length
 the mean of the per-sample scores (RULER's task score), the RULER average over the tasks present,
-the fidelity statistics, memory and time; plots: RULER scores per task, a needle heatmap (length x
+paired differences against full KV with bootstrap intervals, the fidelity statistics, memory and time; plots: RULER scores per task, a needle heatmap (length x
 depth) per policy, and fidelity KL / top-1 per policy. Files are written through a temp file and
 a rename.
 """
@@ -86,6 +86,60 @@ def score_tables(rows: list[dict]) -> str:
             body.append(["RULER average", *avg])
         parts.append(f"### {length} tokens\n\n" + _table(["task", *labels], body))
     return "\n\n".join(parts)
+
+
+def paired_table(rows: list[dict], reps: int = 4000, seed: int = 0) -> str:
+    """RULER average of each policy against full KV on the same samples, with a bootstrap CI.
+
+    Policies see identical samples (same seed, same prompts), so the difference is paired: per
+    task the mean over the samples both have, averaged over the tasks both have; the bootstrap
+    resamples samples within each task (``reps`` times) for 95% intervals of the difference and of
+    the ratio to full. ``better / worse / same`` counts samples.
+    """
+    gen = [r for r in rows if r["task"] in ruler.TASKS]
+    full = {(r["length"], r["task"], r["sample"]): r["score"] for r in gen if label(r) == "full"}
+    if not full:
+        return ""
+    rng = np.random.default_rng(seed)
+    body = []
+    for (length, lb), rs in sorted(group(gen, "length", "label").items(), key=_full_first):
+        if lb == "full":
+            continue
+        per_task = collections.defaultdict(list)
+        for r in rs:
+            f = full.get((length, r["task"], r["sample"]))
+            if f is not None:
+                per_task[r["task"]].append((f, r["score"]))
+        if len(per_task) < 2:
+            continue
+        pairs = [np.asarray(v, float) for v in per_task.values()]
+        fa = np.mean([p[:, 0].mean() for p in pairs])
+        pa = np.mean([p[:, 1].mean() for p in pairs])
+        boot_f, boot_p = np.zeros(reps), np.zeros(reps)
+        for p in pairs:
+            idx = rng.integers(0, len(p), (reps, len(p)))
+            boot_f += p[idx, 0].mean(1) / len(pairs)
+            boot_p += p[idx, 1].mean(1) / len(pairs)
+        d_lo, d_hi = np.percentile(boot_p - boot_f, [2.5, 97.5])
+        ok = boot_f > 0
+        r_lo, r_hi = np.percentile(100 * boot_p[ok] / boot_f[ok], [2.5, 97.5]) if ok.any() else (math.nan,) * 2
+        if min(len(p) for p in pairs) < 2:  # one sample in a task: no spread to resample
+            d_lo = d_hi = r_lo = r_hi = math.nan
+        allp = np.concatenate(pairs)
+        n_pairs = len(allp)
+        counts = f"{int((allp[:, 1] > allp[:, 0]).sum())} / {int((allp[:, 1] < allp[:, 0]).sum())} / " \
+                 f"{int((allp[:, 1] == allp[:, 0]).sum())}"
+        body.append([lb, str(length), str(len(pairs)), str(n_pairs), _fmt(fa, 2), _fmt(pa, 2), _fmt(pa - fa, 2),
+                     f"[{_fmt(d_lo, 2)}, {_fmt(d_hi, 2)}]", _fmt(100 * pa / fa if fa else math.nan, 1),
+                     f"[{_fmt(r_lo, 1)}, {_fmt(r_hi, 1)}]", counts])
+    if not body:
+        return ""
+    return ("## RULER against full KV, paired\n\nOn the samples both ran: RULER average of full KV and of the "
+            "policy, their difference with a 95% bootstrap interval (samples resampled within each task, "
+            f"{reps} draws), the policy's average as % of full's with its interval, and samples better / worse / "
+            "same than full. An interval that holds 0 (or 100%) means the run cannot tell the policy from full KV."
+            "\n\n" + _table(["policy", "length", "tasks", "samples", "full avg", "policy avg", "diff", "95% CI diff",
+                              "% of full", "95% CI %", "better / worse / same"], body))
 
 
 def fidelity_table(rows: list[dict]) -> str:
@@ -204,7 +258,7 @@ def write_report(folder) -> Path:
     head.append(f"{len(rows)} rows from `{RESULTS_FILE}`; seeds {sorted({r['seed'] for r in rows})}, "
                 f"settings {sorted({r['setting'] for r in rows})}.")
     images = plots(rows, folder)
-    sections = [s for s in (score_tables(rows), fidelity_table(rows), cost_table(rows)) if s]
+    sections = [s for s in (score_tables(rows), paired_table(rows), fidelity_table(rows), cost_table(rows)) if s]
     sections.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in images) if images else "")
     path = folder / REPORT_FILE
     write_atomic(path, "\n".join(head) + "\n\n" + "\n\n".join(s for s in sections if s) + "\n")
