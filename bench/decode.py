@@ -54,15 +54,48 @@ def load(spec: str, dtype: str | None):
     return m.cfg, m.params, m
 
 
+def speed_profile(cfg):
+    """A HeteroCache profile for random-weight speed runs (speed depends on how many heads keep
+    what, not on which): a shipped profile of the same architecture with only the context window
+    changed keeps its real roles; otherwise a synthetic one: per layer one pivot with two
+    satellites (SmolLM2's measured pattern), the other KV heads anchors, uniform weights."""
+    import dataclasses
+
+    from hetero_jax.profile_io import PROFILES_DIR, Profile, load_profile, model_fingerprint
+
+    want = model_fingerprint(cfg)
+    for path in sorted(PROFILES_DIR.glob("*.json")):
+        prof = load_profile(path)
+        have = prof.model.get("fingerprint", {})
+        if all(have.get(k) == v for k, v in want.items() if k != "max_position_embeddings"):
+            return dataclasses.replace(prof, model={**prof.model, "fingerprint": want,
+                                                    "name": f"{prof.model.get('name')} roles (speed run)"})
+    h = cfg.num_kv_heads
+    roles, weights, clusters = [], [], []
+    for _ in range(cfg.num_layers):
+        r = ["anchor"] * h
+        cl = []
+        if h >= 3:
+            r[0], r[1], r[2] = "pivot", "satellite", "satellite"
+            cl.append((0, (1, 2)))
+        roles.append(tuple(r))
+        weights.append(tuple(None if x == "pivot" else 1.0 for x in r))
+        clusters.append(tuple(cl))
+    return Profile(model={"name": "synthetic (speed run)", "fingerprint": want}, params={"synthetic": True},
+                   roles=tuple(roles), stability=tuple((1.0,) * h for _ in roles), weights=tuple(weights),
+                   clusters=tuple(clusters))
+
+
 def bytes_read_per_step(params_bytes: int, stats: dict) -> int:
     """What one decode step reads: all weights once + the KV the policy keeps on device."""
     return params_bytes + int(stats.get("kv_read_bytes", stats["device_bytes"]))
 
 
-def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0):
+def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0, synthetic=False):
     """Prefill the batch once (shared by every policy), then time each policy's decode.
 
     Returns one row per policy; the prefill seconds are the shared forward's (compile excluded).
+    ``synthetic``: random weights, so hetero gets ``speed_profile`` unless the spec names one.
     """
     from hetero_jax.cache import make_policy, parse_policy_spec
     from hetero_jax.generate import generate, prefill_once
@@ -73,6 +106,8 @@ def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0)
     rows = []
     for spec in policies:
         name, ratio, options = parse_policy_spec(spec)
+        if name == "hetero" and synthetic and "profile" not in options:
+            options["profile"] = speed_profile(cfg)
         policy = make_policy(name, cfg, ratio=ratio, **options)
         kw = dict(config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[], progress=False, prefilled=shared)
         dec, build = [], []
@@ -210,6 +245,49 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def report(args, info, bw, pbytes, rows, final=True):
+    """Ratios side by side, then JSON + markdown (+ the plot at the end). Called after every
+    (context, batch) group too, so a run cut short (out of memory, Ctrl-C) keeps what it measured."""
+    # ratios side by side, same run
+    for r in rows:
+        ours_full = next((o for o in rows if o["policy"] == "full" and o["context"] == r["context"]
+                          and o["batch"] == r["batch"]), None)
+        hf = next((o for o in rows if o["policy"].startswith("hf") and o["context"] == r["context"]), None)
+        if ours_full and r is not ours_full and not r["policy"].startswith("hf"):
+            r["speedup_vs_full"] = ours_full["decode_ms"] / r["decode_ms"]
+            r["byte_ratio_vs_full"] = ours_full["bytes_per_step"] / r["bytes_per_step"]
+        if hf and not r["policy"].startswith("hf") and r["batch"] == 1:
+            r["x_hf_ms"] = r["decode_ms"] / hf["decode_ms"]
+    stem = args.name or f"decode-{device_slug()}"
+    payload = {"machine": info, "bandwidth_GBps": bw / 1e9, "param_bytes": pbytes, "model": args.model,
+               "dtype": args.dtype or "as stored", "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
+    cols = [("policy", "policy"), ("context", "context"), ("batch", "batch"), ("prefill_s", "prefill s"),
+            ("decode_ms", "decode ms/tok"), ("x_hf_ms", "x HF ms/tok"), ("device_kv_bytes", "device KV B"),
+            ("host_kv_bytes", "host KV B"), ("bytes_per_step", "bytes/step"), ("roofline_frac", "roofline frac"),
+            ("speedup_vs_full", "speedup vs full"), ("byte_ratio_vs_full", "byte ratio vs full"),
+            ("check_step_ms", "check step ms"), ("refresh_step_ms", "refresh step ms"),
+            ("other_step_ms", "other step ms")]
+    md = header_md(f"Decode benchmark: {args.model}", info) + (
+        f"- measured read bandwidth: {bw / 1e9:.1f} GB/s (1 GiB f32 matvec, median)\n"
+        f"- weights: {pbytes / 1e6:.0f} MB; medians of {args.repeats} runs x {args.new_tokens} decode steps; "
+        "compile excluded\n- roofline frac = (weights + KV held on device) / bandwidth / measured step time\n\n"
+        + md_table(rows, cols) + "\n"
+    )
+    if args.device_budget_gb:
+        fit = memory_fit(rows, pbytes, int(args.device_budget_gb * 1e9), args.new_tokens)
+        payload["memory_fit"] = {"budget_GB": args.device_budget_gb, "rows": fit}
+        fcols = [(k, k.replace("_", " ")) for k in fit[0]]
+        md += (f"\n## What fits in {args.device_budget_gb:g} GB of device memory\n\nWeights {pbytes / 1e9:.2f} GB; "
+               "per-token device KV bytes measured at each policy's largest row; host bytes excluded.\n\n"
+               + md_table(fit, fcols) + "\n")
+    if not final:
+        md += "\n**Partial: the run has not finished (or was cut short) after the rows above.**\n"
+    jpath, mpath = write_results(stem, payload, md)
+    if final:
+        plot(rows, jpath.with_suffix(".png"))
+    return jpath, mpath, md
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,7 +327,8 @@ def main(argv=None):
     for context in contexts:
         for batch in [int(b) for b in args.batches.split(",")]:
             specs = args.policies.split(",")
-            for row, stats in run_ours(cfg, params, specs, context, batch, args.new_tokens, args.repeats):
+            for row, stats in run_ours(cfg, params, specs, context, batch, args.new_tokens, args.repeats,
+                                          synthetic=args.model.startswith("random:")):
                 row["bytes_per_step"] = bytes_read_per_step(pbytes, stats)
                 row["roofline_ms"] = 1000 * row["bytes_per_step"] / bw
                 row["roofline_frac"] = row["roofline_ms"] / row["decode_ms"]
@@ -257,45 +336,14 @@ def main(argv=None):
                 print(f"  {row['policy']:>14} ctx {context:>6} b{batch}: prefill {row['prefill_s']:.2f}s "
                       f"decode {row['decode_ms']:.1f} ms/tok ({row['roofline_frac']:.0%} of roofline)",
                       file=sys.stderr)
+            report(args, info, bw, pbytes, rows, final=False)
         if args.hf and model is not None:
             row = run_hf(args.model, context, args.new_tokens, args.hf_repeats)
             rows.append(row)
             print(f"  {row['policy']:>14} ctx {context:>6}: prefill {row['prefill_s']:.2f}s "
                   f"decode {row['decode_ms']:.1f} ms/tok", file=sys.stderr)
-    # ratios side by side, same run
-    for r in rows:
-        ours_full = next((o for o in rows if o["policy"] == "full" and o["context"] == r["context"]
-                          and o["batch"] == r["batch"]), None)
-        hf = next((o for o in rows if o["policy"].startswith("hf") and o["context"] == r["context"]), None)
-        if ours_full and r is not ours_full and not r["policy"].startswith("hf"):
-            r["speedup_vs_full"] = ours_full["decode_ms"] / r["decode_ms"]
-            r["byte_ratio_vs_full"] = ours_full["bytes_per_step"] / r["bytes_per_step"]
-        if hf and not r["policy"].startswith("hf") and r["batch"] == 1:
-            r["x_hf_ms"] = r["decode_ms"] / hf["decode_ms"]
-    stem = args.name or f"decode-{device_slug()}"
-    payload = {"machine": info, "bandwidth_GBps": bw / 1e9, "param_bytes": pbytes, "model": args.model,
-               "dtype": args.dtype or "as stored", "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
-    cols = [("policy", "policy"), ("context", "context"), ("batch", "batch"), ("prefill_s", "prefill s"),
-            ("decode_ms", "decode ms/tok"), ("x_hf_ms", "x HF ms/tok"), ("device_kv_bytes", "device KV B"),
-            ("host_kv_bytes", "host KV B"), ("bytes_per_step", "bytes/step"), ("roofline_frac", "roofline frac"),
-            ("speedup_vs_full", "speedup vs full"), ("byte_ratio_vs_full", "byte ratio vs full"),
-            ("check_step_ms", "check step ms"), ("refresh_step_ms", "refresh step ms"),
-            ("other_step_ms", "other step ms")]
-    md = header_md(f"Decode benchmark: {args.model}", info) + (
-        f"- measured read bandwidth: {bw / 1e9:.1f} GB/s (1 GiB f32 matvec, median)\n"
-        f"- weights: {pbytes / 1e6:.0f} MB; medians of {args.repeats} runs x {args.new_tokens} decode steps; "
-        "compile excluded\n- roofline frac = (weights + KV held on device) / bandwidth / measured step time\n\n"
-        + md_table(rows, cols) + "\n"
-    )
-    if args.device_budget_gb:
-        fit = memory_fit(rows, pbytes, int(args.device_budget_gb * 1e9), args.new_tokens)
-        payload["memory_fit"] = {"budget_GB": args.device_budget_gb, "rows": fit}
-        fcols = [(k, k.replace("_", " ")) for k in fit[0]]
-        md += (f"\n## What fits in {args.device_budget_gb:g} GB of device memory\n\nWeights {pbytes / 1e9:.2f} GB; "
-               "per-token device KV bytes measured at each policy's largest row; host bytes excluded.\n\n"
-               + md_table(fit, fcols) + "\n")
-    jpath, mpath = write_results(stem, payload, md)
-    plot(rows, jpath.with_suffix(".png"))
+            report(args, info, bw, pbytes, rows, final=False)
+    jpath, mpath, md = report(args, info, bw, pbytes, rows)
     print(md)
     print(f"wrote {jpath}, {mpath}, {jpath.with_suffix('.png')}", file=sys.stderr)
 
