@@ -219,3 +219,24 @@ def test_paired_table_against_full_by_hand(seed):
     assert x[10].strip(" |") == f"{better} / {worse} / {len(full) - better - worse}"
     same = lines["same@0.5"]
     assert same[7] == "[0.00, 0.00]" and same[10].strip(" |") == f"0 / 0 / {len(full)}"
+
+
+def test_refresh_table_sums_counters(seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(3):
+        c, r = int(rng.integers(10, 100)), int(rng.integers(0, 10))
+        rows.append({"policy": "hetero", "ratio": 0.5, "task": "fidelity", "sample": s, "length": 4096,
+                     "stats": {"checks": c, "refreshes": r, "bytes_moved": r * 2**20},
+                     "metrics": {"kl_mean": 0.01 * s, "top1_agreement": 0.9}})
+    rows.append({**rows[0], "policy": "full", "ratio": None, "stats": {"policy": "full"}})
+    md = report.refresh_table(rows)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| hetero@0.5"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    checks = sum(r["stats"]["checks"] for r in rows[:3])
+    refreshes = sum(r["stats"]["refreshes"] for r in rows[:3])
+    assert cells[2] == "3" and cells[3] == f"{refreshes} / {checks}"
+    assert float(cells[4]) == pytest.approx(100 * refreshes / checks, abs=0.06)
+    assert float(cells[5]) == pytest.approx(refreshes / 3, abs=0.06)
+    assert float(cells[6]) == pytest.approx(0.01, abs=1e-4) and cells[7] == "90.00"
+    assert "| full" not in md

@@ -158,6 +158,28 @@ def fidelity_table(rows: list[dict]) -> str:
                                              "top-1 %", "ppl", "ppl full"], body))
 
 
+def refresh_table(rows: list[dict]) -> str:
+    """Fidelity rows of policies that count drift checks (hetero variants): how often they
+    refreshed, what moved, and what it bought, per variant."""
+    fid = [r for r in rows if r["task"] == "fidelity" and (r.get("stats") or {}).get("checks")]
+    if not fid:
+        return ""
+    body = []
+    for (length, lb), rs in sorted(group(fid, "length", "label").items()):
+        checks = sum(r["stats"]["checks"] for r in rs)
+        refreshes = sum(r["stats"]["refreshes"] for r in rs)
+        m = lambda k: _mean(r["metrics"][k] for r in rs)  # noqa: E731
+        body.append([lb, str(length), str(len(rs)), f"{refreshes} / {checks}", _fmt(100 * refreshes / checks, 1),
+                     _fmt(_mean(r["stats"]["bytes_moved"] for r in rs) / 2**20, 1), _fmt(m("kl_mean"), 4),
+                     _fmt(100 * m("top1_agreement"), 2)])
+    return ("## Refresh ablation (fidelity rows of policies with drift checks)\n\nRefreshes / checks summed "
+            "over the samples (a check is one pivot's test; a refresh moves its satellites' rows), MiB moved "
+            "host -> device per sample, KL(full || policy) and top-1 agreement as in the fidelity table. "
+            "Compare rows on the same n.\n\n"
+            + _table(["policy", "length", "n", "refreshes / checks", "% of checks", "MiB moved", "KL mean",
+                      "top-1 %"], body))
+
+
 def cost_table(rows: list[dict]) -> str:
     body = []
     for (length, lb), rs in sorted(group(rows, "length", "label").items(), key=_full_first):
@@ -258,7 +280,8 @@ def write_report(folder) -> Path:
     head.append(f"{len(rows)} rows from `{RESULTS_FILE}`; seeds {sorted({r['seed'] for r in rows})}, "
                 f"settings {sorted({r['setting'] for r in rows})}.")
     images = plots(rows, folder)
-    sections = [s for s in (score_tables(rows), paired_table(rows), fidelity_table(rows), cost_table(rows)) if s]
+    sections = [s for s in (score_tables(rows), paired_table(rows), fidelity_table(rows), refresh_table(rows),
+                            cost_table(rows)) if s]
     sections.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in images) if images else "")
     path = folder / REPORT_FILE
     write_atomic(path, "\n".join(head) + "\n\n" + "\n\n".join(s for s in sections if s) + "\n")
