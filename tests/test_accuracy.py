@@ -139,6 +139,11 @@ def test_rerun_skips_finished_rows(tmp_path, tiny_cfg, tiny_params):
     assert len(results.read_rows(tmp_path / results.RESULTS_FILE)) == 3
     md = report.write_report(tmp_path).read_text()
     assert "| passkey |" in md and "(3)" in md
+    # two runners on one folder append the same row twice: the report counts it once (the first)
+    first = results.read_rows(tmp_path / results.RESULTS_FILE)[0]
+    results.ResultsFile(tmp_path).append(dict(first, score=first["score"] + 1000.0))
+    md2 = report.write_report(tmp_path).read_text()
+    assert "(3)" in md2 and md2.split("## Memory")[0] == md.split("## Memory")[0]
 
 
 # ---------------------------------------------------------------- real data and model

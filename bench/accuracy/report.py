@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.accuracy import ruler
-from bench.accuracy.results import RESULTS_FILE, read_rows, write_atomic
+from bench.accuracy.results import RESULTS_FILE, read_rows, row_key, write_atomic
 
 REPORT_FILE = "report.md"
 
@@ -268,6 +268,11 @@ def write_report(folder) -> Path:
     rows = read_rows(folder / RESULTS_FILE)
     if not rows:
         raise FileNotFoundError(f"{folder / RESULTS_FILE}: no results to report")
+    unique = list({row_key(r): r for r in reversed(rows)}.values())[::-1]  # first of each key, in file order
+    if len(unique) < len(rows):  # two runners on one folder: the same sample scored twice
+        print(f"note: {len(rows) - len(unique)} duplicate rows in {RESULTS_FILE} ignored (first kept)",
+              file=sys.stderr)
+    rows = unique
     try:
         meta = json.loads((folder / "run.json").read_text())["runs"][-1]
     except (OSError, json.JSONDecodeError, KeyError, IndexError):
