@@ -1,9 +1,10 @@
 """Load a llama.cpp GGUF file (any quantization the ``gguf`` package dequantizes) into our params.
 
-The config comes from the ``llama.*`` metadata, the weights are dequantized to float32 by
-``gguf.quants.dequantize``, and llama.cpp's q/k row permutation is undone so that every weight
-equals what transformers loads from the same file (then ``convert.hf.assemble_params`` checks
-names and shapes and transposes into our layout).
+Architectures ``llama`` and ``qwen2``. The config comes from the ``{arch}.*`` metadata, the
+weights are dequantized to float32 by ``gguf.quants.dequantize``, and for ``llama`` llama.cpp's
+q/k row permutation is undone (its converter permutes Llama's q/k rows only, not Qwen2's), so
+that every weight equals what transformers loads from the same file (then
+``convert.hf.assemble_params`` checks names and shapes and transposes into our layout).
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import numpy as np
 from convert.common import ConvertError, existing_path
 from convert.hf import LAYER_NAMES, assemble_params
 from convert.tokenizer import field_value, tokenizer_from_gguf
-from hetero_jax.config import ConfigError, LlamaConfig, RopeScaling
+from hetero_jax.config import QKV_BIAS_FAMILIES, ConfigError, LlamaConfig, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHS = ("llama", "qwen2")
+PERMUTED_QK_ARCHS = ("llama",)  # llama.cpp's converter interleaves these q/k rows for its RoPE
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 _LAYER = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
           "ffn_norm": "mlp_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_LAYER_BIAS = {"attn_q": "bq", "attn_k": "bk", "attn_v": "bv"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def hf_name(gguf_name: str) -> str:
@@ -31,9 +35,8 @@ def hf_name(gguf_name: str) -> str:
     if gguf_name in _TOP:
         return _TOP[gguf_name]
     m = _BLOCK.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[_LAYER[m.group(2)]]}"
-    return gguf_name
+    ours = (_LAYER if m and m.group(3) == "weight" else _LAYER_BIAS).get(m.group(2)) if m else None
+    return f"model.layers.{m.group(1)}.{LAYER_NAMES[ours]}" if ours else gguf_name
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -85,7 +88,7 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, candidates
 
 
 def gguf_config(reader, source: str) -> LlamaConfig:
-    """LlamaConfig from the ``llama.*`` / ``tokenizer.*`` metadata of an open GGUF."""
+    """LlamaConfig from the ``{arch}.*`` / ``tokenizer.*`` metadata of an open GGUF (arch llama or qwen2)."""
     fields = reader.fields
 
     def get(key, default=KeyError):
@@ -96,52 +99,58 @@ def gguf_config(reader, source: str) -> LlamaConfig:
         return default
 
     arch = get("general.architecture")
-    if arch != "llama":
+    if arch not in SUPPORTED_ARCHS:
         raise ConvertError(
-            f"{source}: unsupported architecture {arch!r}; hetero-jax runs Llama-architecture models only"
+            f"{source}: unsupported architecture {arch!r}; hetero-jax runs GGUF architectures "
+            f"{', '.join(map(repr, SUPPORTED_ARCHS))} (Llama and Qwen2/Qwen2.5 models) only"
         )
+
+    def meta(name, default=KeyError):  # the architecture's own keys: llama.*, qwen2.*
+        return get(f"{arch}.{name}", default)
+
     if int(get("split.count", 1)) > 1:
         raise ConvertError(f"{source}: split GGUF files are not supported; merge them with llama-gguf-split --merge")
-    if get("llama.rope.scaling.type", "none") not in ("none", None):
-        raise ConvertError(f"{source}: rope scaling {get('llama.rope.scaling.type')!r} is not supported")
+    if meta("rope.scaling.type", "none") not in ("none", None):
+        raise ConvertError(f"{source}: rope scaling {meta('rope.scaling.type')!r} is not supported")
     names = {t.name: t for t in reader.tensors}
-    hidden, n_heads = int(get("llama.embedding_length")), int(get("llama.attention.head_count"))
-    head_dim = int(get("llama.attention.key_length", 0) or get("llama.rope.dimension_count", 0) or hidden // n_heads)
-    if int(get("llama.rope.dimension_count", head_dim)) != head_dim:
+    hidden, n_heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", 0) or meta("rope.dimension_count", 0) or hidden // n_heads)
+    if int(meta("rope.dimension_count", head_dim)) != head_dim:
         raise ConvertError(f"{source}: partial rotary embeddings (rope.dimension_count != head_dim) are not supported")
-    theta = float(get("llama.rope.freq_base", 10000.0))
-    context = int(get("llama.context_length", 8192))
+    theta = float(meta("rope.freq_base", 10000.0))
+    context = int(meta("context_length", 8192))
     scaling = None
     if "rope_freqs.weight" in names:
-        orig = get("llama.rope.scaling.original_context_length", None)
+        orig = meta("rope.scaling.original_context_length", None)
         import gguf
 
         factors = gguf.quants.dequantize(names["rope_freqs.weight"].data, names["rope_freqs.weight"].tensor_type)
         scaling = _llama3_scaling(factors, theta, head_dim, [c for c in (orig, 8192) if c])
-    if "llama.vocab_size" in fields:
-        vocab = int(get("llama.vocab_size"))
+    if f"{arch}.vocab_size" in fields:
+        vocab = int(meta("vocab_size"))
     elif "tokenizer.ggml.tokens" in fields:
         vocab = len(fields["tokenizer.ggml.tokens"].data)
     elif "token_embd.weight" in names:
         vocab = int(names["token_embd.weight"].shape[1])
     else:
-        raise ConvertError(f"{source}: cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
+        raise ConvertError(f"{source}: cannot tell the vocabulary size (no {arch}.vocab_size, tokens or token_embd)")
     eos = [get(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
     try:
         return LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(get("llama.feed_forward_length")),
-            num_layers=int(get("llama.block_count")),
+            intermediate_size=int(meta("feed_forward_length")),
+            num_layers=int(meta("block_count")),
             num_heads=n_heads,
-            num_kv_heads=int(get("llama.attention.head_count_kv", n_heads)),
+            num_kv_heads=int(meta("attention.head_count_kv", n_heads)),
             head_dim=head_dim,
             rope_theta=theta,
             rope_scaling=scaling,
             # stored as float32: keep the short decimal (1e-05, not 9.99999974e-06)
-            rms_norm_eps=float(str(np.float32(get("llama.attention.layer_norm_rms_epsilon", 1e-5)))),
+            rms_norm_eps=float(str(np.float32(meta("attention.layer_norm_rms_epsilon", 1e-5)))),
             max_position_embeddings=context,
             tie_word_embeddings="output.weight" not in names,
+            qkv_bias=arch in QKV_BIAS_FAMILIES,
             bos_token_id=get("tokenizer.ggml.bos_token_id", None),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         )
@@ -156,6 +165,7 @@ def load_gguf(path, dtype="float32", progress=None):
     reader = open_gguf(path)
     source = str(Path(path))
     cfg = gguf_config(reader, source)
+    permuted = field_value(reader.fields["general.architecture"]) in PERMUTED_QK_ARCHS
 
     def reader_fn(t):
         def read():
@@ -166,14 +176,15 @@ def load_gguf(path, dtype="float32", progress=None):
                 raise ConvertError(f"{source}: cannot dequantize {t.name} ({t.tensor_type.name}: {e})") from e
             kind = t.name.rsplit(".", 2)[-2] if t.name.startswith("blk.") else ""
             heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(kind)
-            if heads and w.ndim == 2 and w.shape[0] == heads * cfg.head_dim:
+            if permuted and heads and w.ndim == 2 and w.shape[0] == heads * cfg.head_dim:
                 w = unpermute_rows(w, heads)
             return w
 
         return read
 
     tensors = {hf_name(t.name): reader_fn(t) for t in reader.tensors if t.name != "rope_freqs.weight"}
-    known = [*_TOP, *(f"blk.{i}.{part}.weight" for i in range(cfg.num_layers) for part in _LAYER)]
+    parts = [f"{p}.weight" for p in _LAYER] + ([f"{p}.bias" for p in _LAYER_BIAS] if cfg.qkv_bias else [])
+    known = [*_TOP, *(f"blk.{i}.{part}" for i in range(cfg.num_layers) for part in parts)]
     to_gguf = {hf_name(g): g for g in known}
     params = assemble_params(cfg, tensors, dtype, source, progress, label=lambda n: to_gguf.get(n, n))
     return cfg, params, tokenizer_from_gguf(reader, source)

@@ -1,4 +1,4 @@
-"""Load a Hugging Face Llama folder (config.json + safetensors, single or sharded) into our params.
+"""Load a Hugging Face Llama or Qwen2 folder (config.json + safetensors, single or sharded) into our params.
 
 HF stores linear weights ``(out, in)``; our layout (``hetero_jax.params``) is ``(in, out)``, so
 matrices are transposed here, once. Every name, shape and file problem is reported by name, since
@@ -28,6 +28,9 @@ LAYER_NAMES = {
     "wq": "self_attn.q_proj.weight",
     "wk": "self_attn.k_proj.weight",
     "wv": "self_attn.v_proj.weight",
+    "bq": "self_attn.q_proj.bias",  # Qwen2 only (cfg.qkv_bias)
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
     "wo": "self_attn.o_proj.weight",
     "mlp_norm": "post_attention_layernorm.weight",
     "w_gate": "mlp.gate_proj.weight",
@@ -47,8 +50,8 @@ def hf_tensor_map(cfg: LlamaConfig) -> dict[str, tuple[tuple, tuple[int, ...], b
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (("lm_head",), shapes["lm_head"], True)
     for i, layer in enumerate(shapes["layers"]):
-        for key, hf_name in LAYER_NAMES.items():
-            out[f"model.layers.{i}.{hf_name}"] = (("layers", i, key), layer[key], len(layer[key]) == 2)
+        for key in layer:
+            out[f"model.layers.{i}.{LAYER_NAMES[key]}"] = (("layers", i, key), layer[key], len(layer[key]) == 2)
     return out
 
 
@@ -86,8 +89,8 @@ def assemble_params(
         )
     if unexpected:
         raise ConvertError(
-            f"{source}: unexpected tensors {_summary(map(label, unexpected))}; this is not a plain Llama checkpoint "
-            "(biases, extra heads or another architecture are not supported)"
+            f"{source}: unexpected tensors {_summary(map(label, unexpected))}; this is not a plain Llama or Qwen2 "
+            "checkpoint (other biases, extra heads or another architecture are not supported)"
         )
     params = {"layers": [{} for _ in range(cfg.num_layers)]}
     bar = tqdm(wanted.items(), desc="converting tensors", unit="tensor", disable=not want_progress(progress))
@@ -112,7 +115,7 @@ def assemble_params(
 
 
 def read_hf_config(path: Path) -> LlamaConfig:
-    """LlamaConfig from ``config.json`` (+ eos ids from ``generation_config.json`` if present)."""
+    """LlamaConfig (Llama or Qwen2 family) from ``config.json`` (+ eos ids from ``generation_config.json`` if present)."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ConvertError(f"{path}: no config.json; an HF model folder needs config.json next to its *.safetensors")
@@ -127,7 +130,7 @@ def read_hf_config(path: Path) -> LlamaConfig:
     except ConfigError as e:
         raise ConvertError(f"{cfg_file}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
-        raise ConvertError(f"{cfg_file}: missing or invalid field {e}; is this a transformers Llama config?") from e
+        raise ConvertError(f"{cfg_file}: missing or invalid field {e}; is this a transformers Llama or Qwen2 config?") from e
     gen_file = path / "generation_config.json"
     if gen_file.is_file():  # instruct models list their end-of-turn tokens here
         try:
@@ -162,7 +165,7 @@ def safetensors_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
 
 
 def load_hf(path, dtype="float32", progress=None) -> tuple[LlamaConfig, dict]:
-    """(LlamaConfig, params) from an HF Llama folder; weights cast to ``dtype``."""
+    """(LlamaConfig, params) from an HF Llama or Qwen2 folder; weights cast to ``dtype``."""
     path = existing_path(path, "pass an HF model folder (config.json + *.safetensors)")
     if not path.is_dir():
         raise ConvertError(f"{path}: not a folder; load_hf takes an HF model folder (use load_gguf for .gguf files)")

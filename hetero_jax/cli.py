@@ -41,8 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fetch_default)
 
     p = sub.add_parser("convert", help="convert HF safetensors or a GGUF file to a hetero-jax checkpoint",
-                       description="Convert a Hugging Face Llama folder (config.json + safetensors, sharded or "
-                       "not) or a GGUF file into a folder with an orbax checkpoint, config.json, the tokenizer and "
+                       description="Convert a Hugging Face Llama or Qwen2/Qwen2.5 folder (config.json + safetensors, "
+                       "sharded or not) or a GGUF file (architecture llama or qwen2) into a folder with an orbax checkpoint, config.json, the tokenizer and "
                        "meta.json. Nothing half-written is left behind on failure.")
     p.add_argument("src", help="HF model folder or .gguf file")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")

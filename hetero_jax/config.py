@@ -1,8 +1,10 @@
-"""Model configuration: the handful of numbers a Llama forward pass needs.
+"""Model configuration: the handful of numbers a Llama-style forward pass needs.
 
-Read from a Hugging Face ``config.json`` (transformers 4.x ``rope_scaling`` or 5.x
-``rope_parameters``) or from GGUF metadata (see ``convert.gguf``). Frozen and hashable so it
-can be a static argument of jitted functions.
+Two families run: Llama (``LlamaForCausalLM``) and Qwen2 / Qwen2.5 (``Qwen2ForCausalLM``), which
+is Llama plus biases on the q/k/v projections (``qkv_bias``). Read from a Hugging Face
+``config.json`` (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``) or from GGUF
+metadata (see ``convert.from_gguf``). Frozen and hashable so it can be a static argument of
+jitted functions.
 """
 
 from __future__ import annotations
@@ -14,6 +16,38 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A model configuration that this library cannot run."""
+
+
+# transformers model_type -> the one architecture class of that family we run
+SUPPORTED_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# families whose q/k/v projections carry biases (o_proj and the MLP have none)
+QKV_BIAS_FAMILIES = ("qwen2",)
+
+
+def supported_hf_text() -> str:
+    return ", ".join(f"{arch} (model_type {mt!r})" for mt, arch in SUPPORTED_HF.items())
+
+
+def check_no_sliding_window(hf: dict[str, Any]) -> None:
+    """Refuse a config whose layers use sliding-window attention (we compute full causal attention).
+
+    Qwen2 configs carry ``use_sliding_window`` (false in every released Qwen2/2.5 model); windowed
+    layers are those listed as such in ``layer_types`` or, without it, layers >= ``max_window_layers``.
+    """
+    num_layers = int(hf["num_hidden_layers"])
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        windowed = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+    elif hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+        windowed = list(range(int(hf.get("max_window_layers", 28)), num_layers))
+    else:
+        windowed = []
+    if windowed:
+        raise ConfigError(
+            f"layers {windowed[:4]}{'...' if len(windowed) > 4 else ''} use sliding-window attention "
+            f"(sliding_window={hf.get('sliding_window')}); hetero-jax computes full causal attention only -- "
+            "set use_sliding_window to false in config.json if the model was trained without it"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +74,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on the q, k, v projections
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -61,14 +96,17 @@ class LlamaConfig:
     # ---------------------------------------------------------------- HF interop
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
-        """Build from a transformers ``config.json`` dict (LlamaForCausalLM only)."""
-        arch = hf.get("architectures") or ["LlamaForCausalLM"]
+        """Build from a transformers ``config.json`` dict (LlamaForCausalLM or Qwen2ForCausalLM)."""
         model_type = hf.get("model_type", "llama")
-        if model_type != "llama" or not any(a == "LlamaForCausalLM" for a in arch):
+        arch = hf.get("architectures") or [SUPPORTED_HF.get(model_type, "?")]
+        if model_type not in SUPPORTED_HF or SUPPORTED_HF[model_type] not in arch:
             raise ConfigError(
                 f"unsupported architecture {arch} (model_type={model_type!r}); "
-                "hetero-jax runs Llama-architecture models (LlamaForCausalLM) only"
+                f"hetero-jax runs {supported_hf_text()} only"
             )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; {model_type} models use silu")
+        check_no_sliding_window(hf)
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         rope = dict(hf.get("rope_parameters") or {})
@@ -98,9 +136,10 @@ class LlamaConfig:
             head_dim=int(hf.get("head_dim") or hidden // num_heads),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type in QKV_BIAS_FAMILIES,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )

@@ -26,12 +26,15 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def _qkv(lp, x, positions, cfg: LlamaConfig, inv_freq):
-    """x: (..., hidden) -> post-RoPE q (..., Hq, D), k, v (..., Hkv, D)."""
+    """x: (..., hidden) -> post-RoPE q (..., Hq, D), k, v (..., Hkv, D); Qwen2 adds q/k/v biases."""
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     lead = h.shape[:-1]
-    q = (h @ lp["wq"]).reshape(*lead, cfg.num_heads, cfg.head_dim)
-    k = (h @ lp["wk"]).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    v = (h @ lp["wv"]).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 

@@ -10,6 +10,9 @@ Layout (all weights stored ``(in_features, out_features)`` so the forward pass i
           "wq": (hidden, num_heads * head_dim),      # HF rotate-half head layout
           "wk": (hidden, num_kv_heads * head_dim),
           "wv": (hidden, num_kv_heads * head_dim),
+          "bq": (num_heads * head_dim,),             # bq/bk/bv only when cfg.qkv_bias (Qwen2)
+          "bk": (num_kv_heads * head_dim,),
+          "bv": (num_kv_heads * head_dim,),
           "wo": (num_heads * head_dim, hidden),
           "mlp_norm": (hidden,),
           "w_gate": (hidden, intermediate),
@@ -31,6 +34,7 @@ import numpy as np
 from hetero_jax.config import LlamaConfig
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+BIAS_KEYS = ("bq", "bk", "bv")  # present only when cfg.qkv_bias
 
 
 def param_shapes(cfg: LlamaConfig) -> dict:
@@ -47,6 +51,8 @@ def param_shapes(cfg: LlamaConfig) -> dict:
         "w_up": (h, cfg.intermediate_size),
         "w_down": (cfg.intermediate_size, h),
     }
+    if cfg.qkv_bias:
+        layer.update(bq=(cfg.num_heads * d,), bk=(cfg.num_kv_heads * d,), bv=(cfg.num_kv_heads * d,))
     shapes = {
         "embed": (cfg.vocab_size, h),
         "layers": [dict(layer) for _ in range(cfg.num_layers)],
@@ -68,12 +74,14 @@ def init_random_params(cfg: LlamaConfig, seed: int = 0, dtype=jnp.float32, scale
     """Random weights in the params layout (speed benchmarks and small tests)."""
     rng = np.random.default_rng(seed)
 
-    def leaf(shape):
+    def leaf(path, shape):
+        if path[-1].key in BIAS_KEYS:  # biases around 0, a few times the weights' scale
+            return jnp.asarray(5 * scale * rng.standard_normal(shape), dtype)
         if len(shape) == 1:  # norm weights
             return jnp.asarray(1.0 + 0.1 * rng.standard_normal(shape), dtype)
         return jnp.asarray(scale * rng.standard_normal(shape), dtype)
 
-    return jax.tree.map(leaf, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map_with_path(leaf, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def check_params(params: dict, cfg: LlamaConfig) -> None:

@@ -152,8 +152,8 @@ def ours_as_hf(params, cfg) -> dict[str, np.ndarray]:
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = params["lm_head"].T
     for i, lp in enumerate(params["layers"]):
-        for key, name in convert.hf.LAYER_NAMES.items():
-            out[f"model.layers.{i}.{name}"] = lp[key].T if lp[key].ndim == 2 else lp[key]
+        for key, x in lp.items():
+            out[f"model.layers.{i}.{convert.hf.LAYER_NAMES[key]}"] = x.T if x.ndim == 2 else x
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -191,7 +191,9 @@ def test_hf_sharded_matches_transformers(tmp_path, seed, tied):
 
     prompt = rng.integers(0, V, (1, 16))
     with torch.no_grad():
-        gen = m.generate(torch.tensor(prompt), max_new_tokens=32, do_sample=False, pad_token_id=0)
+        # an explicit mask: with pad_token_id set, transformers would otherwise mask every 0 in the prompt
+        gen = m.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                         max_new_tokens=32, do_sample=False, pad_token_id=0)
     assert our_greedy(cfg, params, prompt, 32) == gen[0, 16:].tolist()
 
 
@@ -357,7 +359,7 @@ def test_bad_hf_inputs(tmp_path, seed):
     rewrite_single(src, arch, lambda t: None)
     cfg = json.loads((arch / "config.json").read_text())
     (arch / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
-    with pytest.raises(ConvertError, match="unsupported architecture"):
+    with pytest.raises(ConvertError, match="unsupported architecture.*LlamaForCausalLM.*Qwen2ForCausalLM"):
         convert.load_hf(arch)
 
     data = (src / "model.safetensors").read_bytes()
@@ -373,8 +375,8 @@ def test_bad_gguf_inputs(tmp_path, seed):
     with pytest.raises(ConvertError, match="no such file or folder"):
         convert.load_gguf(tmp_path / "nope.gguf")
     path = tmp_path / "m.gguf"
-    write_gguf(path, seed, arch="qwen2")
-    with pytest.raises(ConvertError, match="unsupported architecture 'qwen2'"):
+    write_gguf(path, seed, arch="qwen3")
+    with pytest.raises(ConvertError, match="unsupported architecture 'qwen3'.*'llama', 'qwen2'"):
         convert.load_gguf(path)
     write_gguf(path, seed, drop=("blk.1.ffn_up",))
     with pytest.raises(ConvertError, match=r"missing tensors blk\.1\.ffn_up\.weight"):
