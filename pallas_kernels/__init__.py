@@ -10,14 +10,24 @@ Two implementations of each, same contract:
   (the GPU lowering in jax 0.10-0.12) and kept to backend-neutral ops (ref indexing, fori_loop,
   dot_general) so a Mosaic GPU port changes the launch, not the math. The default on GPU.
   ``interpret`` runs the same kernel in interpret mode (CPU tests).
+* ``native``: the compiled Pallas kernel (Triton lowering) whatever the backend, never
+  downgraded to interpret mode: for lowering or ``jax.export``-ing for a GPU from a CPU-only
+  machine (tests/test_export.py). Running it on a CPU backend fails to lower.
 
-Choice, first match wins: the ``impl`` argument ("xla" | "pallas" | "interpret"), then
-``interpret=True`` (-> "interpret"), then the env var ``HETERO_JAX_PALLAS`` (same values), then
-the backend: "pallas" on GPU, "xla" elsewhere. "pallas" on a CPU backend runs interpreted.
+Choice, first match wins: the ``impl`` argument ("xla" | "pallas" | "interpret" | "native"),
+then ``interpret=True`` (-> "interpret"), then ``use_impl(...)`` (a context, e.g. around an
+export), then the env var ``HETERO_JAX_PALLAS`` (same values), then the backend: "pallas" on GPU,
+"xla" elsewhere. "pallas" on a CPU backend runs interpreted.
+
+The choice is made when a caller is traced: a jitted function already traced for the same
+shapes outside ``use_impl`` keeps its earlier choice (jax's trace cache does not see the
+context), so trace fresh ``jax.jit`` wrappers inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import jax
@@ -34,20 +44,45 @@ __all__ = [
     "topk_overlap_reference",
     "topk_overlap_pallas",
     "resolve_impl",
+    "use_impl",
 ]
 
 ENV_VAR = "HETERO_JAX_PALLAS"
-IMPLS = ("xla", "pallas", "interpret")
+IMPLS = ("xla", "pallas", "interpret", "native")
+_CONTEXT_IMPL: contextvars.ContextVar[str | None] = contextvars.ContextVar("pallas_kernels_impl", default=None)
+
+
+def _check(impl: str, source: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r} (from {source})")
+    return impl
+
+
+@contextlib.contextmanager
+def use_impl(impl: str):
+    """Kernel calls traced inside pick ``impl`` unless their own arguments name one. E.g.
+    ``with use_impl("native"): jax.export.export(fn, platforms=("cuda",))(...)`` lowers the
+    Triton kernels for a GPU from a CPU-only machine."""
+    token = _CONTEXT_IMPL.set(_check(impl, "use_impl"))
+    try:
+        yield
+    finally:
+        _CONTEXT_IMPL.reset(token)
 
 
 def resolve_impl(impl: str | None = None, interpret: bool | None = None) -> str:
     """The implementation a call would use: 'xla', 'pallas' (compiled) or 'interpret'."""
-    if impl is None:
-        impl = "interpret" if interpret else os.environ.get(ENV_VAR) or None
+    source = "the impl argument"
+    if impl is None and interpret:
+        impl = "interpret"
+    if impl is None and _CONTEXT_IMPL.get() is not None:
+        impl, source = _CONTEXT_IMPL.get(), "use_impl"
+    if impl is None and os.environ.get(ENV_VAR):
+        impl, source = os.environ[ENV_VAR], f"${ENV_VAR}"
     if impl is None:
         impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r} (from the argument or ${ENV_VAR})")
+    if _check(impl, source) == "native":
+        return "pallas"  # compiled, even on a CPU backend (lowering for another platform)
     if impl == "pallas" and (interpret or jax.default_backend() == "cpu"):
         impl = "interpret"
     return impl

@@ -31,7 +31,9 @@ def _next_pow2(n: int) -> int:
 
 
 def _triton_params(num_warps, num_stages):
-    """Pin the Triton lowering on GPU (jax 0.11+ may default pallas_call to Mosaic GPU)."""
+    """Pin the Triton lowering on GPU: jax 0.10 lowers a pallas_call without compiler params to
+    Mosaic GPU (``jax_pallas_use_mosaic_gpu`` defaults to True); 0.11/0.12 pick the backend from
+    the params' type (Triton by default, with a DeprecationWarning). See NOTES.md "GPU readiness"."""
     try:
         from jax.experimental.pallas import triton as pltriton
     except ImportError:  # pragma: no cover - a jax without the Triton backend

@@ -41,6 +41,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from hetero_jax.host_compute import on_host
+
 
 def sortable_key(x: jax.Array) -> jax.Array:
     """float32 -> uint32 in the same total order as ``lax.top_k`` (-0.0 just below +0.0; no NaNs)."""
@@ -248,13 +250,11 @@ def gather_rows(hk, hv, slots, pos, host_kind, dev):
 
     if host_kind is None:
         return gather(hk, idx), gather(hv, idx)
-    try:  # a context manager in jax 0.10, a function transform later: the call form works in both
-        from jax.experimental.compute_on import compute_on
-    except ImportError:  # no host compute: bring the copy over whole, then gather (moves more bytes)
-        return gather(jax.device_put(hk, dev), idx), gather(jax.device_put(hv, dev), idx)
     hidx = jax.device_put(idx, dev.with_memory_kind(host_kind))
-    rk, rv = compute_on("device_host")(lambda a, b_, i: (gather(a, i), gather(b_, i)))(hk, hv, hidx)
-    return jax.device_put(rk, dev), jax.device_put(rv, dev)
+    rows = on_host(lambda a, b_, i: (gather(a, i), gather(b_, i)), hk, hv, hidx)  # hetero_jax/host_compute.py
+    if rows is None:  # no host compute: bring the copy over whole, then gather (moves more bytes)
+        return gather(jax.device_put(hk, dev), idx), gather(jax.device_put(hv, dev), idx)
+    return jax.device_put(rows[0], dev), jax.device_put(rows[1], dev)
 
 
 _PROGRAMS: dict = {}
