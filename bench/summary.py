@@ -410,7 +410,7 @@ def outputs(results: Path = RESULTS) -> dict[Path, str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed summary is stale")
     ap.add_argument("--results", type=Path, default=RESULTS, help="results folder (default bench/results)")
