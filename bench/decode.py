@@ -245,10 +245,9 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def report(args, info, bw, pbytes, rows, final=True):
-    """Ratios side by side, then JSON + markdown (+ the plot at the end). Called after every
-    (context, batch) group too, so a run cut short (out of memory, Ctrl-C) keeps what it measured."""
-    # ratios side by side, same run
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Ratios side by side, same run (in place): speedup and byte ratio against our full KV at the
+    same (context, batch), and ms/token as a multiple of HF transformers' at batch 1."""
     for r in rows:
         ours_full = next((o for o in rows if o["policy"] == "full" and o["context"] == r["context"]
                           and o["batch"] == r["batch"]), None)
@@ -258,6 +257,13 @@ def report(args, info, bw, pbytes, rows, final=True):
             r["byte_ratio_vs_full"] = ours_full["bytes_per_step"] / r["bytes_per_step"]
         if hf and not r["policy"].startswith("hf") and r["batch"] == 1:
             r["x_hf_ms"] = r["decode_ms"] / hf["decode_ms"]
+    return rows
+
+
+def report(args, info, bw, pbytes, rows, final=True):
+    """Ratios side by side, then JSON + markdown (+ the plot at the end). Called after every
+    (context, batch) group too, so a run cut short (out of memory, Ctrl-C) keeps what it measured."""
+    add_ratios(rows)
     stem = args.name or f"decode-{device_slug()}"
     payload = {"machine": info, "bandwidth_GBps": bw / 1e9, "param_bytes": pbytes, "model": args.model,
                "dtype": args.dtype or "as stored", "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}

@@ -139,9 +139,15 @@ def test_rerun_skips_finished_rows(tmp_path, tiny_cfg, tiny_params):
     assert len(results.read_rows(tmp_path / results.RESULTS_FILE)) == 3
     md = report.write_report(tmp_path).read_text()
     assert "| passkey |" in md and "(3)" in md
-    # two runners on one folder append the same row twice: the report counts it once (the first)
-    first = results.read_rows(tmp_path / results.RESULTS_FILE)[0]
-    results.ResultsFile(tmp_path).append(dict(first, score=first["score"] + 1000.0))
+    rows = results.read_rows(tmp_path / results.RESULTS_FILE)
+    assert all(r["git_revision"] == rows[0]["git_revision"] and "git_dirty" in r for r in rows)
+    assert "Code revision of the rows: " in md
+    first = rows[0]
+    with pytest.raises(results.DuplicateRowError, match="already has the row"):  # the runner never appends a key twice
+        results.ResultsFile(tmp_path).append(dict(first, score=first["score"] + 1000.0))
+    # a row written twice by two runners before the folder lock existed: the report counts it once (the first)
+    with open(tmp_path / results.RESULTS_FILE, "a") as f:
+        f.write(results.dumps(dict(first, score=first["score"] + 1000.0)) + "\n")
     md2 = report.write_report(tmp_path).read_text()
     assert "(3)" in md2 and md2.split("## Memory")[0] == md.split("## Memory")[0]
 

@@ -117,6 +117,27 @@ def test_row_has_the_runner_format_and_scores():
     row = kr.make_row(needle, "kvpress-streaming", 0.5, _pred(synthetic.NEEDLE.strip()))
     assert row["score"] == pytest.approx(100.0) and row["metrics"]["string_match_all"] == 100.0
     json.dumps(row)
+    assert "git_revision" in row and "git_dirty" in row  # the scoring code's revision
+    git = {"git_revision": "f" * 40, "git_dirty": False, "git_dirty_files": []}
+    assert kr.make_row(_sample(), "kvpress-snapkv", 0.5, _pred("x"), git).items() >= git.items()
+
+
+def test_run_refuses_a_folder_another_runner_holds(tmp_path, capsys):
+    from tests.test_provenance import _HOLDER
+
+    samples = tmp_path / "s.jsonl"
+    kr.write_samples(samples, [_sample()])
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert kr.main(["--samples", str(samples), "--out", str(run), "--presses", "snapkv"]) == 2
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pid {proc.pid}" in err[0] and not (run / "results.jsonl").exists()
 
 
 def test_read_samples_checks_schema(tmp_path):

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 from bench.accuracy import ruler
+from bench.accuracy.results import folder_lock
 from bench.accuracy.runner import SUITES, RunConfig, RunError, Runner
 
 _TASK_LIST = textwrap.fill(", ".join(ruler.TASKS), 90, initial_indent=" " * 12, subsequent_indent=" " * 12)
@@ -24,9 +25,11 @@ tasks (comma-separated; groups expand):
             after a (length - positions - 1)-token prefix of essay text; score = top-1 agreement %
   all       everything above
 
-Every row (policy, ratio, task, length, sample) is one JSON line in OUT/results.jsonl; a rerun
-skips rows already there. Generated RULER samples are kept in OUT/samples/. After the run the
-report (OUT/report.md and plots) is rebuilt; rebuild it alone with
+Every row (policy, ratio, task, length, sample) is one JSON line in OUT/results.jsonl, with the
+git revision of the code that ran it; a rerun skips rows already there. One runner per OUT: a
+second one on the same folder stops with an error naming the first one's pid. Generated RULER
+samples are kept in OUT/samples/. After the run the report (OUT/report.md and plots) is rebuilt;
+rebuild it alone with
   python -m bench.accuracy.report OUT
 
 example:
@@ -81,15 +84,16 @@ def main(argv=None) -> int:
                    out=args.out, ratio=args.ratio, model=args.model, seed=args.seed, template=args.template,
                    positions=args.positions, dtype=args.dtype, progress=not args.quiet)
     try:
-        counts = Runner(rc).run()
-    except (RunError, ruler.RulerError, ValueError) as e:
+        with folder_lock(args.out):  # held through the report too
+            counts = Runner(rc).run()
+            print(f"{counts['run']} rows run, {counts['skipped']} already done -> {args.out / 'results.jsonl'}")
+            if not args.no_report:
+                from bench.accuracy.report import write_report
+
+                print(f"report: {write_report(args.out)}")
+    except (RunError, ruler.RulerError, ValueError) as e:  # FolderBusy and DuplicateRowError included
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{counts['run']} rows run, {counts['skipped']} already done -> {args.out / 'results.jsonl'}")
-    if not args.no_report:
-        from bench.accuracy.report import write_report
-
-        print(f"report: {write_report(args.out)}")
     return 0
 
 

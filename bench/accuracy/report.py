@@ -2,9 +2,10 @@
 
 Everything here is computed from the JSONL rows (nothing typed in): per task, policy and length
 the mean of the per-sample scores (RULER's task score), the RULER average over the tasks present,
-paired differences against full KV with bootstrap intervals, the fidelity statistics, memory and time; plots: RULER scores per task, a needle heatmap (length x
-depth) per policy, and fidelity KL / top-1 per policy. Files are written through a temp file and
-a rename.
+paired differences against full KV with bootstrap intervals, the fidelity statistics, memory and
+time; plots: RULER scores per task, a needle heatmap (length x depth) per policy, and fidelity KL /
+top-1 per policy. The ``*_stats`` functions return the numbers (``bench.summary`` judges targets
+on them), the ``*_table`` ones format them. Files are written through a temp file and a rename.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.accuracy import ruler
-from bench.accuracy.results import RESULTS_FILE, read_rows, row_key, write_atomic
+from bench.accuracy.results import RESULTS_FILE, dedupe_rows, read_rows, write_atomic
+from bench.common import revision_text
 
 REPORT_FILE = "report.md"
 
@@ -88,20 +90,21 @@ def score_tables(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def paired_table(rows: list[dict], reps: int = 4000, seed: int = 0) -> str:
+def paired_stats(rows: list[dict], reps: int = 4000, seed: int = 0) -> list[dict]:
     """RULER average of each policy against full KV on the same samples, with a bootstrap CI.
 
     Policies see identical samples (same seed, same prompts), so the difference is paired: per
     task the mean over the samples both have, averaged over the tasks both have; the bootstrap
     resamples samples within each task (``reps`` times) for 95% intervals of the difference and of
-    the ratio to full. ``better / worse / same`` counts samples.
+    the ratio to full (NaN when a task has one sample: no spread). ``better / worse / same`` count
+    samples. One dict per (length, policy label), full first within a length.
     """
     gen = [r for r in rows if r["task"] in ruler.TASKS]
     full = {(r["length"], r["task"], r["sample"]): r["score"] for r in gen if label(r) == "full"}
     if not full:
-        return ""
+        return []
     rng = np.random.default_rng(seed)
-    body = []
+    out = []
     for (length, lb), rs in sorted(group(gen, "length", "label").items(), key=_full_first):
         if lb == "full":
             continue
@@ -113,8 +116,8 @@ def paired_table(rows: list[dict], reps: int = 4000, seed: int = 0) -> str:
         if len(per_task) < 2:
             continue
         pairs = [np.asarray(v, float) for v in per_task.values()]
-        fa = np.mean([p[:, 0].mean() for p in pairs])
-        pa = np.mean([p[:, 1].mean() for p in pairs])
+        fa = float(np.mean([p[:, 0].mean() for p in pairs]))
+        pa = float(np.mean([p[:, 1].mean() for p in pairs]))
         boot_f, boot_p = np.zeros(reps), np.zeros(reps)
         for p in pairs:
             idx = rng.integers(0, len(p), (reps, len(p)))
@@ -126,12 +129,20 @@ def paired_table(rows: list[dict], reps: int = 4000, seed: int = 0) -> str:
         if min(len(p) for p in pairs) < 2:  # one sample in a task: no spread to resample
             d_lo = d_hi = r_lo = r_hi = math.nan
         allp = np.concatenate(pairs)
-        n_pairs = len(allp)
-        counts = f"{int((allp[:, 1] > allp[:, 0]).sum())} / {int((allp[:, 1] < allp[:, 0]).sum())} / " \
-                 f"{int((allp[:, 1] == allp[:, 0]).sum())}"
-        body.append([lb, str(length), str(len(pairs)), str(n_pairs), _fmt(fa, 2), _fmt(pa, 2), _fmt(pa - fa, 2),
-                     f"[{_fmt(d_lo, 2)}, {_fmt(d_hi, 2)}]", _fmt(100 * pa / fa if fa else math.nan, 1),
-                     f"[{_fmt(r_lo, 1)}, {_fmt(r_hi, 1)}]", counts])
+        out.append({"label": lb, "length": length, "tasks": len(pairs), "samples": len(allp), "full_avg": fa,
+                    "policy_avg": pa, "diff": pa - fa, "diff_ci": (float(d_lo), float(d_hi)),
+                    "pct_of_full": 100 * pa / fa if fa else math.nan, "pct_ci": (float(r_lo), float(r_hi)),
+                    "better": int((allp[:, 1] > allp[:, 0]).sum()), "worse": int((allp[:, 1] < allp[:, 0]).sum()),
+                    "same": int((allp[:, 1] == allp[:, 0]).sum())})
+    return out
+
+
+def paired_table(rows: list[dict], reps: int = 4000, seed: int = 0) -> str:
+    """``paired_stats`` as a markdown section."""
+    body = [[s["label"], str(s["length"]), str(s["tasks"]), str(s["samples"]), _fmt(s["full_avg"], 2),
+             _fmt(s["policy_avg"], 2), _fmt(s["diff"], 2), f"[{_fmt(s['diff_ci'][0], 2)}, {_fmt(s['diff_ci'][1], 2)}]",
+             _fmt(s["pct_of_full"], 1), f"[{_fmt(s['pct_ci'][0], 1)}, {_fmt(s['pct_ci'][1], 1)}]",
+             f"{s['better']} / {s['worse']} / {s['same']}"] for s in paired_stats(rows, reps, seed)]
     if not body:
         return ""
     return ("## RULER against full KV, paired\n\nOn the samples both ran: RULER average of full KV and of the "
@@ -142,36 +153,53 @@ def paired_table(rows: list[dict], reps: int = 4000, seed: int = 0) -> str:
                               "% of full", "95% CI %", "better / worse / same"], body))
 
 
-def fidelity_table(rows: list[dict]) -> str:
+def fidelity_stats(rows: list[dict]) -> list[dict]:
+    """Per (length, policy label) means of the fidelity rows' metrics, full first within a length."""
     fid = [r for r in rows if r["task"] == "fidelity"]
-    if not fid:
-        return ""
-    body = []
+    out = []
     for (length, lb), rs in sorted(group(fid, "length", "label").items(), key=_full_first):
         m = lambda k: _mean(r["metrics"][k] for r in rs)  # noqa: E731
-        body.append([lb, str(length), str(len(rs)), str(rs[0]["metrics"]["positions"]), _fmt(m("kl_mean"), 4),
-                     _fmt(m("kl_p95"), 4), _fmt(m("kl_max"), 3), _fmt(100 * m("top1_agreement"), 1),
-                     _fmt(m("ppl"), 2), _fmt(m("ppl_full"), 2)])
+        out.append({"label": lb, "length": length, "n": len(rs), "positions": rs[0]["metrics"]["positions"],
+                    "kl_mean": m("kl_mean"), "kl_p95": m("kl_p95"), "kl_max": m("kl_max"),
+                    "top1_pct": 100 * m("top1_agreement"), "ppl": m("ppl"), "ppl_full": m("ppl_full")})
+    return out
+
+
+def fidelity_table(rows: list[dict]) -> str:
+    body = [[s["label"], str(s["length"]), str(s["n"]), str(s["positions"]), _fmt(s["kl_mean"], 4),
+             _fmt(s["kl_p95"], 4), _fmt(s["kl_max"], 3), _fmt(s["top1_pct"], 1), _fmt(s["ppl"], 2),
+             _fmt(s["ppl_full"], 2)] for s in fidelity_stats(rows)]
+    if not body:
+        return ""
     return ("## Fidelity (teacher-forced, against full KV)\n\nPer position KL(full || policy) in nats, averaged "
             "over positions then samples; top-1 = % of positions whose argmax matches full KV's; perplexity of "
             "the true text.\n\n" + _table(["policy", "length", "n", "positions", "KL mean", "KL p95", "KL max",
                                              "top-1 %", "ppl", "ppl full"], body))
 
 
-def refresh_table(rows: list[dict]) -> str:
-    """Fidelity rows of policies that count drift checks (hetero variants): how often they
-    refreshed, what moved, and what it bought, per variant."""
+def refresh_stats(rows: list[dict]) -> list[dict]:
+    """Fidelity rows of policies that count drift checks (hetero variants), per (length, label):
+    refreshes and checks summed over the samples, their share, mean MiB moved per sample, and
+    what it bought (KL, top-1 agreement)."""
     fid = [r for r in rows if r["task"] == "fidelity" and (r.get("stats") or {}).get("checks")]
-    if not fid:
-        return ""
-    body = []
+    out = []
     for (length, lb), rs in sorted(group(fid, "length", "label").items()):
         checks = sum(r["stats"]["checks"] for r in rs)
         refreshes = sum(r["stats"]["refreshes"] for r in rs)
         m = lambda k: _mean(r["metrics"][k] for r in rs)  # noqa: E731
-        body.append([lb, str(length), str(len(rs)), f"{refreshes} / {checks}", _fmt(100 * refreshes / checks, 1),
-                     _fmt(_mean(r["stats"]["bytes_moved"] for r in rs) / 2**20, 1), _fmt(m("kl_mean"), 4),
-                     _fmt(100 * m("top1_agreement"), 2)])
+        out.append({"label": lb, "length": length, "n": len(rs), "refreshes": refreshes, "checks": checks,
+                    "pct_of_checks": 100 * refreshes / checks,
+                    "mib_moved": _mean(r["stats"]["bytes_moved"] for r in rs) / 2**20,
+                    "kl_mean": m("kl_mean"), "top1_pct": 100 * m("top1_agreement")})
+    return out
+
+
+def refresh_table(rows: list[dict]) -> str:
+    body = [[s["label"], str(s["length"]), str(s["n"]), f"{s['refreshes']} / {s['checks']}",
+             _fmt(s["pct_of_checks"], 1), _fmt(s["mib_moved"], 1), _fmt(s["kl_mean"], 4), _fmt(s["top1_pct"], 2)]
+            for s in refresh_stats(rows)]
+    if not body:
+        return ""
     return ("## Refresh ablation (fidelity rows of policies with drift checks)\n\nRefreshes / checks summed "
             "over the samples (a check is one pivot's test; a refresh moves its satellites' rows), MiB moved "
             "host -> device per sample, KL(full || policy) and top-1 agreement as in the fidelity table. "
@@ -263,16 +291,27 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     return made
 
 
-def write_report(folder) -> Path:
+def load_rows(folder) -> list[dict]:
+    """The rows of ``folder``/results.jsonl, a key scored twice counted once (the first)."""
     folder = Path(folder)
     rows = read_rows(folder / RESULTS_FILE)
     if not rows:
         raise FileNotFoundError(f"{folder / RESULTS_FILE}: no results to report")
-    unique = list({row_key(r): r for r in reversed(rows)}.values())[::-1]  # first of each key, in file order
-    if len(unique) < len(rows):  # two runners on one folder: the same sample scored twice
-        print(f"note: {len(rows) - len(unique)} duplicate rows in {RESULTS_FILE} ignored (first kept)",
-              file=sys.stderr)
-    rows = unique
+    unique, dropped = dedupe_rows(rows, strict=False)
+    if dropped:  # two runners on one folder before the lock existed: the same sample scored twice
+        print(f"note: {dropped} duplicate rows in {RESULTS_FILE} ignored (first kept); drop them with "
+              f"python -m bench.accuracy.results dedupe {folder}", file=sys.stderr)
+    return unique
+
+
+def revisions(rows: list[dict]) -> str:
+    """Which code produced the rows: each revision (``bench.common.revision_text``) with its row count."""
+    counts = collections.Counter(revision_text(r) for r in rows)
+    return ", ".join(f"{text} ({n} row{'s' if n != 1 else ''})" for text, n in counts.most_common())
+
+
+def report_markdown(folder, rows: list[dict], images: list[str]) -> str:
+    folder = Path(folder)
     try:
         meta = json.loads((folder / "run.json").read_text())["runs"][-1]
     except (OSError, json.JSONDecodeError, KeyError, IndexError):
@@ -284,12 +323,19 @@ def write_report(folder) -> Path:
                     f"`{meta.get('command', '')}`.")
     head.append(f"{len(rows)} rows from `{RESULTS_FILE}`; seeds {sorted({r['seed'] for r in rows})}, "
                 f"settings {sorted({r['setting'] for r in rows})}.")
-    images = plots(rows, folder)
+    head.append(f"Code revision of the rows: {revisions(rows)}.")
     sections = [s for s in (score_tables(rows), paired_table(rows), fidelity_table(rows), refresh_table(rows),
                             cost_table(rows)) if s]
     sections.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in images) if images else "")
+    return "\n".join(head) + "\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+
+
+def write_report(folder) -> Path:
+    folder = Path(folder)
+    rows = load_rows(folder)
+    images = plots(rows, folder)
     path = folder / REPORT_FILE
-    write_atomic(path, "\n".join(head) + "\n\n" + "\n\n".join(s for s in sections if s) + "\n")
+    write_atomic(path, report_markdown(folder, rows, images))
     return path
 
 

@@ -4,7 +4,9 @@ Order: for each length, for each task, build the task's samples once (RULER gene
 passkey), then run every policy on every sample with ``hetero_jax.generate`` (greedy, batch 1,
 stop at the model's end-of-turn tokens). Fidelity runs per sample window: full KV once, then
 each policy against it. A row already in ``results.jsonl`` is never run again, and nothing is
-built or loaded (model, samples) unless some row under it is still missing.
+built or loaded (model, samples) unless some row under it is still missing. The run holds the
+output folder's lock (``results.folder_lock``): a second runner on the same folder stops at once.
+Every row records the git revision of the code that produced it (``bench.common.git_state``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.accuracy import fidelity, ruler, scoring, synthetic
-from bench.accuracy.results import ResultsFile, row_key, write_atomic
+from bench.accuracy.results import ResultsFile, folder_lock, row_key, write_atomic
 from hetero_jax.cache import parse_policy_spec
 
 SUITES = {"ruler": ruler.TASKS, "needle": ("needle",), "passkey": ("passkey",), "fidelity": ("fidelity",)}
@@ -79,7 +81,8 @@ class Runner:
         self.rc = rc
         self.rc.tasks = expand_tasks(rc.tasks)
         self.out = Path(rc.out)
-        self.results = ResultsFile(self.out)
+        self.results: ResultsFile | None = None  # opened under the folder lock by run()
+        self.git: dict = {}
         self._loaded = loaded
         self.model_name = model_name or rc.model
         self._policies: dict = {}
@@ -130,6 +133,15 @@ class Runner:
             self.policy(p)
 
     def run(self) -> dict:
+        """Run every missing row, holding the output folder's lock (``FolderBusy`` if another has it)."""
+        from bench.common import git_state
+
+        with folder_lock(self.out):
+            self.results = ResultsFile(self.out)  # read after locking: what any earlier runner wrote
+            self.git = git_state()  # the code this process loaded and runs
+            return self._run()
+
+    def _run(self) -> dict:
         rc = self.rc
         todo = {(t, n): self.pending(t, n) for n in rc.lengths for t in rc.tasks}
         total = sum(len(v) for v in todo.values())
@@ -244,6 +256,7 @@ class Runner:
             "device_bytes": stats.pop("device_bytes", None), "host_bytes": stats.pop("host_bytes", None),
             "stats": stats, "timing": timing,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **self.git,
         }
         self.results.append(row)
         self.counts["run"] += 1

@@ -19,7 +19,8 @@ Three steps, the first and last in the project's venv, the middle one in kvpress
    ``<out>/results.jsonl`` in the runner's row format, policy ``kvpress-snapkv`` /
    ``kvpress-streaming`` (``kvpress-none``: kvpress's pipeline without a press, a full-KV anchor).
    Rows already there are skipped (resumable), so ``python -m bench.accuracy.report <out>`` shows
-   the peers beside our policies when ``--out`` is the accuracy run's folder.
+   the peers beside our policies when ``--out`` is the accuracy run's folder. Each row records the
+   git revision of this code; the run holds the folder's lock, as the accuracy runner does.
 
 How this differs from our policies (read the table with this in mind):
 
@@ -248,7 +249,12 @@ def score(sample: dict, answer: str) -> tuple[str, float, dict]:
     return pred, value, metrics
 
 
-def make_row(sample: dict, policy: str, ratio: float | None, pred: dict) -> dict:
+def make_row(sample: dict, policy: str, ratio: float | None, pred: dict, git: dict | None = None) -> dict:
+    """One results.jsonl row in the runner's format; ``git``: ``bench.common.git_state()`` of this run."""
+    if git is None:
+        from bench.common import git_state
+
+        git = git_state()
     text, value, metrics = score(sample, pred["answer"])
     kept = pred.get("kv_tokens_kept") or []
     stats = {"peer": "kvpress", "press": pred["press"], "press_kwargs": pred.get("press_kwargs", {}),
@@ -263,11 +269,21 @@ def make_row(sample: dict, policy: str, ratio: float | None, pred: dict) -> dict
         "generated_tokens": len(pred["generated_ids"]), "device_bytes": pred.get("cache_bytes"), "host_bytes": 0,
         "stats": stats, "timing": pred["timing"], "extra": sample.get("extra", {}),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **git,
     }
 
 
 def run(args) -> int:
+    """The three steps, holding the run folder's lock (shared with ``python -m bench.accuracy``)."""
+    from bench.accuracy.results import folder_lock
+
+    with folder_lock(args.out):
+        return _run(args)
+
+
+def _run(args) -> int:
     from bench.accuracy.results import ResultsFile, row_key
+    from bench.common import git_state
 
     out = Path(args.out)
     presses = [p for p in args.presses]
@@ -287,6 +303,7 @@ def run(args) -> int:
         return 0
 
     results = ResultsFile(out)
+    git = git_state()  # the scoring code's revision (the worker runs kvpress's pinned release)
     jobs, todo = [], {}
     for press in presses:
         policy = policy_name(press, args.budget)
@@ -324,7 +341,7 @@ def run(args) -> int:
         done = _read_predictions(preds_path)
         for key, (s, policy, ratio) in todo.items():
             if key in done:
-                results.append(make_row(s, policy, ratio, done[key]))
+                results.append(make_row(s, policy, ratio, done[key], git))
                 ran += 1
     print(f"{ran} rows run, {skipped} already done -> {results.path}")
     if rc:
