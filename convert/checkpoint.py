@@ -64,20 +64,24 @@ def _version() -> str:
 
 def save_params(params, path) -> Path:
     """Write the params pytree as an orbax checkpoint at ``path`` (a folder that must not exist)."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).expanduser().absolute()
     if path.exists():
         raise ConvertError(f"{path} already exists; remove it or choose another path for the checkpoint")
     try:
-        # orbax writes from background threads: a signal waits until they are done, so the caller's
-        # cleanup never removes a folder that is still being written (which left it behind)
-        with signals_deferred(), ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(path, params)
-            ckpt.wait_until_finished()
+        _orbax_save(params, path)
     except Exception as e:  # orbax/tensorstore raise ValueError/RuntimeError/OSError with long dumps
         raise ConvertError(f"cannot write the checkpoint {path}: {short_reason(e)}") from e
     return path
+
+
+def _orbax_save(params, path: Path) -> None:
+    import orbax.checkpoint as ocp
+
+    # orbax writes from background threads: a signal waits until they are done, so the caller's
+    # cleanup never removes a folder that is still being written (which left it behind)
+    with signals_deferred(), ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, params)
+        ckpt.wait_until_finished()
 
 
 def short_reason(e: BaseException) -> str:
@@ -95,10 +99,13 @@ def short_reason(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _writing(dst: Path):
-    """OS errors while writing the output become one line naming the destination."""
+    """Errors while writing the output (disk full, read-only, orbax failures) become one line naming
+    the destination rather than its temp folder."""
     try:
         yield
-    except OSError as e:
+    except ConvertError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
         raise ConvertError(f"cannot write {dst}: {short_reason(e)}") from e
 
 
@@ -216,7 +223,8 @@ def convert(src, dst, dtype="float32", overwrite=False, progress=None) -> Path:
         kind, cfg, params, tok, files = _load_source(src, dt, progress)
         with _writing(dst):
             (tmp / "config.json").write_text(cfg.to_json())
-        save_params(params, tmp / PARAMS_DIR)
+        with _writing(dst):
+            _orbax_save(params, tmp / PARAMS_DIR)
         if tok is not None:
             with _writing(dst):
                 tok.save_pretrained(str(tmp))

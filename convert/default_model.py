@@ -141,13 +141,14 @@ def _is_complete(folder: Path) -> bool:
             and bool(meta.get("files_sha256")))
 
 
-def _is_intact(folder: Path) -> bool:
+def _is_intact(folder: Path, say: bool = True) -> bool:
     from convert.checkpoint import verify_folder
 
     try:
         verify_folder(folder)
     except ConvertError as e:
-        log.warning("the default model at %s is damaged (%s); rebuilding it", folder, e)
+        if say:
+            log.warning("the default model is damaged (%s); rebuilding it", str(e).split(";")[0])
         return False
     return True
 
@@ -157,7 +158,7 @@ def _fetch_and_convert(progress, verify: bool) -> Path:
 
     dst = default_model_dir()
     # another process may have finished while we waited for the lock
-    if not _is_complete(dst) or (verify and not _is_intact(dst)):
+    if not _is_complete(dst) or (verify and not _is_intact(dst, say=False)):
         with cleanup_pending():
             gguf = _fetch_gguf(progress)
         convert(gguf, dst, dtype="float32", overwrite=True, progress=progress)

@@ -118,7 +118,7 @@ def check_finite_array(x: np.ndarray, what: str) -> None:
         return
     bad = ~np.isfinite(x)
     first = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ConvertError(f"{what} has {int(bad.sum())} non-finite values (NaN or inf; the first at index {first}); "
+    raise ConvertError(f"{what} has {int(bad.sum())} non-finite value(s) (NaN or inf; the first at index {first}); "
                        "the checkpoint is corrupt -- download it again")
 
 

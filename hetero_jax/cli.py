@@ -128,7 +128,10 @@ def _read_prompt(args) -> str:
 def _cmd_generate(args) -> int:
     from hetero_jax.cache import make_policy
     from hetero_jax.generate import GenerationError, generate
+    from hetero_jax.generate_inputs import check_sampling
 
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)  # before a long model load
     text = _read_prompt(args)
     if not text.strip():
         raise GenerationError("empty prompt: give some text with --prompt or --prompt-file")

@@ -40,17 +40,23 @@ def check_generate_inputs(params, tokens, cache, config, *, max_new_tokens, temp
         raise GenerationError(f"cache must be a policy name or a CachePolicy, got {type(cache).__name__}")
     if isinstance(cache, CachePolicy):
         _check_policy_fits(cache, config)
-    _check_number("max_new_tokens", max_new_tokens, integer=True, low=1)
-    _check_number("temperature", temperature, low=0.0)
-    if top_k is not None:
-        _check_number("top_k", top_k, integer=True, low=1)
-    if top_p is not None:
-        _check_number("top_p", top_p, low=0.0, high=1.0, open_low=True)
-    _check_number("seed", seed, integer=True, low=0, high=2**32 - 1)
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     _check_number("pad_id", pad_id, integer=True, low=0, high=config.vocab_size - 1)
     for t in stop_tokens or ():
         _check_number("stop token", t, integer=True)
     _check_token_ids(tokens, config.vocab_size)
+
+
+def check_sampling(*, max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    """The numbers alone (the CLI checks them before loading a model): finite, in range, integers
+    where ids or counts are meant. Seeds are 32-bit: jax's PRNGKey folds larger ones onto these."""
+    _check_number("max_new_tokens", max_new_tokens, integer=True, low=1)
+    _check_number("temperature", temperature, low=0)
+    if top_k is not None:
+        _check_number("top_k", top_k, integer=True, low=1)
+    if top_p is not None:
+        _check_number("top_p", top_p, low=0, high=1, open_low=True)
+    _check_number("seed", seed, integer=True, low=0, high=2**32 - 1)
 
 
 def _check_number(name, x, *, integer=False, low=None, high=None, open_low=False) -> None:
@@ -60,10 +66,13 @@ def _check_number(name, x, *, integer=False, low=None, high=None, open_low=False
         raise GenerationError(f"{name} must be {kind}, got {x!r}")
     if not integer and not math.isfinite(x):
         raise GenerationError(f"{name} must be finite, got {x!r}")
-    if low is not None and (x <= low if open_low else x < low) or high is not None and x > high:
-        lo = "" if low is None else f"{'(' if open_low else '['}{low}, "
-        hi = "inf)" if high is None else f"{high}]"
-        raise GenerationError(f"{name} must be in {lo or '(-inf, '}{hi}, got {x!r}")
+    too_low = low is not None and (x <= low if open_low else x < low)
+    if too_low or high is not None and x > high:
+        if high is None:
+            want = f"{'>' if open_low else '>='} {low}"
+        else:
+            want = f"in {'(' if open_low else '['}{low}, {high}]"
+        raise GenerationError(f"{name} must be {want}, got {x!r}")
 
 
 def _check_policy_fits(policy: CachePolicy, config: LlamaConfig) -> None:
@@ -113,9 +122,8 @@ def _check_token_ids(tokens, vocab_size: int) -> None:
         raise GenerationError("empty prompt: every sequence needs at least one token")
     for i, r in enumerate(rows):
         if r.dtype == bool or not np.issubdtype(r.dtype, np.integer):
-            j = next((j for j, t in enumerate(r.tolist()) if isinstance(t, bool) or not isinstance(t, int)), 0)
-            raise GenerationError(f"token ids must be integers; sequence {i} has {r.tolist()[j]!r} at position {j} "
-                                  f"({r.dtype} values)")
+            raise GenerationError(f"token ids must be integers; sequence {i} holds {r.dtype} values (e.g. "
+                                  f"{r.tolist()[0]!r}); pass the tokenizer's ids unchanged")
         bad = np.flatnonzero((r < 0) | (r >= vocab_size))
         if bad.size:
             j = int(bad[0])

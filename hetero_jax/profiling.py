@@ -235,7 +235,7 @@ def check_calibration(n: int, topk: int, sim_threshold: float, stable_threshold:
         raise ValueError(f"topk must be >= 1, got {topk}")
     if n < MIN_CALIBRATION_TOKENS:
         raise ValueError(f"calibration text has {n} tokens (after --max-length); profiling needs at least "
-                         f"{MIN_CALIBRATION_TOKENS} -- use a longer text (the shipped one has ~20K)")
+                         f"{MIN_CALIBRATION_TOKENS} -- use a longer text, e.g. the shipped default")
     limit = min([t for t in (sim_threshold, stable_threshold) if t > 0], default=1.0)
     if topk >= limit * n:
         raise ValueError(
