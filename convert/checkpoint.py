@@ -163,17 +163,27 @@ def verify_folder(folder: Path, meta: dict | None = None, remedy: str | None = N
 
 
 @jax.jit
-def _finite_flags(params) -> jax.Array:
-    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)])
+def _finite_flags(leaves) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+def _is_finite_leaf(x) -> bool:
+    """Host arrays: min and max propagate NaN and show inf, with no temp array (~0.05 s for the
+    default model's 135M floats on one CPU core)."""
+    a = np.asarray(x)
+    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
 def check_finite(params, source: str, remedy: str) -> None:
-    """Refuse weights with NaN or inf (one fused reduction per tensor; ~0.1 s for the default model)."""
-    flags = np.asarray(_finite_flags(params))
-    if flags.all():
+    """Refuse weights with NaN or inf: on CPU a min/max pass over each tensor in place, on an
+    accelerator one jitted reduction (no copy to the host)."""
+    leaves = jax.tree.leaves(params)
+    on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())())
+    flags = [_is_finite_leaf(x) for x in leaves] if on_cpu else np.asarray(_finite_flags(leaves)).tolist()
+    if all(flags):
         return
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    bad = [names[i] for i in np.flatnonzero(~flags)]
+    bad = [names[i] for i, ok in enumerate(flags) if not ok]
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     raise ConvertError(f"{source}: non-finite weights (NaN or inf) in params{', params'.join(bad[:5])}{more}; {remedy}")
 

@@ -203,36 +203,47 @@ def _cmd_profile(args) -> int:
     return profiling.main(args.rest)
 
 
-def _quiet_libraries(debug: bool) -> None:
-    """Keep orbax/absl's thread-failure reports (dozens of lines each) out of a user's terminal."""
-    if debug:
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _quiet_libraries() -> None:
+    """Keep orbax/absl's thread-failure reports (dozens of lines each) and transformers' advice
+    ("PyTorch was not found") out of a user's terminal; HETERO_JAX_DEBUG=1 keeps them."""
+    if _debug():
         return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("absl", "orbax", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda u: log.debug("ignored in %r: %s", u.object, u.exc_value)
 
 
 def main(argv=None) -> int:
+    """The ``hetero-jax`` command (process-wide: installs signal handlers and quiets libraries)."""
     interrupts.install_cli_handlers()
+    _quiet_libraries()
+    return run(argv)
+
+
+def run(argv=None) -> int:
+    """Parse ``argv`` and run one command; a user's mistake returns 2 after one ``error:`` line."""
     parser = _build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "profile" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    if not (args.verbose or debug):  # e.g. "PyTorch was not found", which a CLI user need not act on
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    _quiet_libraries(debug)
     try:
         return args.func(args)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; the finally blocks on the way removed temp files
         signum = interrupts.signal_number(e)
         interrupts.report(signum)
         interrupts.exit_now(signum)
+    except BrokenPipeError:  # e.g. `hetero-jax generate ... | head -1`: the reader left, nothing to say
+        interrupts.exit_now(13)  # 128 + SIGPIPE, as a shell reports it
     except (ValueError, OSError, OverflowError) as e:  # our errors subclass ValueError
-        if debug:
+        if _debug():
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
