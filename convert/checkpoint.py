@@ -109,7 +109,8 @@ def _writing(dst: Path):
         raise ConvertError(f"cannot write {dst}: {short_reason(e)}") from e
 
 
-def restore_params(path, cfg: LlamaConfig, dtype="float32", remedy: str = "delete the folder and convert again") -> dict:
+def restore_params(path, cfg: LlamaConfig, dtype="float32",
+                   remedy: str = "delete the folder and convert again") -> dict:
     """Read params saved by ``save_params`` into exactly the ``abstract_params(cfg)`` structure.
 
     Values are bit-exact when ``dtype`` is the stored one (orbax casts otherwise).
@@ -134,15 +135,15 @@ def restore_params(path, cfg: LlamaConfig, dtype="float32", remedy: str = "delet
 # ---------------------------------------------------------------------------- integrity
 def folder_checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` but its meta.json, keyed by relative posix path."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files if p.relative_to(folder).as_posix() != META_FILE}
+    rels = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return {rel: sha256_file(folder / rel) for rel in rels if rel != META_FILE}
 
 
 def verify_folder(folder: Path, meta: dict | None = None, remedy: str | None = None) -> bool:
     """Check every file of a converted folder against the sha256 written at conversion.
 
     Returns False (nothing to check) for folders converted before checksums existed. Costs one
-    read + sha256 of the folder (about 0.3 s for the default model's 330 MB on one core).
+    read + sha256 of the folder (about 0.2 s for the default model's 337 MB on one core).
     """
     folder = Path(folder)
     meta = read_meta(folder) if meta is None else meta
@@ -283,7 +284,8 @@ def _load_converted(path: Path, dtype, remedy: str) -> LoadedModel:
         raise ConvertError(f"{path / 'config.json'}: unreadable ({e}); {remedy}") from e
     params = restore_params(path / PARAMS_DIR, cfg, dtype or meta["dtype"], remedy)
     cast = dtype is not None and as_dtype(dtype).name != meta["dtype"]
-    check_finite(params, str(path), f"they overflow {as_dtype(dtype).name}: load them as {meta['dtype']}" if cast else remedy)
+    overflow = f"they overflow {as_dtype(dtype).name}: load them as {meta['dtype']}"
+    check_finite(params, str(path), overflow if cast else remedy)
     return LoadedModel(cfg, params, load_tokenizer(path, converted=True), path)
 
 

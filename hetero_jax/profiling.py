@@ -277,7 +277,8 @@ def main(argv=None) -> int:
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if Path(a.out).is_dir():
-        raise ValueError(f"--out {a.out} is a folder; give the profile's file name (e.g. {Path(a.out) / 'profile.json'})")
+        raise ValueError(f"--out {a.out} is a folder; give the profile's file name (e.g. "
+                         f"{Path(a.out) / 'profile.json'})")
     import convert  # the model loader; imported late so profiling math has no loader dependency
 
     m = convert.load_model(a.model)
