@@ -284,8 +284,8 @@ def _load_converted(path: Path, dtype, remedy: str) -> LoadedModel:
         raise ConvertError(f"{path / 'config.json'}: unreadable ({e}); {remedy}") from e
     params = restore_params(path / PARAMS_DIR, cfg, dtype or meta["dtype"], remedy)
     cast = dtype is not None and as_dtype(dtype).name != meta["dtype"]
-    overflow = f"they overflow {as_dtype(dtype).name}: load them as {meta['dtype']}"
-    check_finite(params, str(path), overflow if cast else remedy)
+    why = f"they overflow {as_dtype(dtype).name}: load them as {meta['dtype']}" if cast else remedy
+    check_finite(params, str(path), why)
     return LoadedModel(cfg, params, load_tokenizer(path, converted=True), path)
 
 

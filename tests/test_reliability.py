@@ -217,6 +217,11 @@ def test_non_finite_weights_are_refused(tmp_path, tiny):
     params["layers"][0]["wk"] = params["layers"][0]["wk"].at[0, 1].set(jnp.inf)
     with pytest.raises(ConvertError, match=r"params\['layers'\]\[0\]\['wk'\]"):
         check_finite(params, "x", "fix it")
+    from convert.checkpoint import _finite_flags  # the accelerator path, run here on CPU
+
+    want = [not (name.endswith("['wk']") and "[0]" in name) for name in
+            (jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])]
+    assert np.asarray(_finite_flags(jax.tree.leaves(params))).tolist() == want
     check_finite(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny["params"]), "x", "fix it")
 
 
