@@ -1,17 +1,26 @@
-"""Helpers shared by the converters: the error type, dtype parsing, hashing, atomic folders."""
+"""Helpers shared by the converters: the error type, dtype parsing, hashing, locks, atomic folders."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import platformdirs
+from filelock import FileLock, Timeout
+
+from hetero_jax.interrupts import cleanup_pending, signals_deferred
+
+log = logging.getLogger("hetero_jax")
 
 
 class ConvertError(ValueError):
@@ -55,28 +64,145 @@ def existing_path(path, what: str) -> Path:
     return p
 
 
+def model_home() -> Path:
+    """Where fetched and converted models live: ``$HETERO_JAX_HOME``, else the user cache dir."""
+    env = os.environ.get("HETERO_JAX_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("hetero-jax"))
+
+
+# ---------------------------------------------------------------------------- temp files and locks
+_TEMP = re.compile(r"\.(?P<stem>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+_LEGACY_TEMP = re.compile(r"\.(?P<stem>.+)\.(?:tmp|old)-[0-9a-f]{8}")  # before owners were named
+LEGACY_TEMP_AGE_S = 3600
+
+
+def temp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``path`` named after this process: ``.NAME.tmp-PID-RANDOM``."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(parent: Path, name: str) -> list[Path]:
+    """Remove temp siblings of ``parent/name`` whose owner process is dead (killed, crashed).
+
+    Call it while holding the lock for that name, so no live writer of ours is racing it.
+    """
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMP.fullmatch(p.name)
+        if m and m["stem"] == name:
+            stale = int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"]))
+        else:
+            m = _LEGACY_TEMP.fullmatch(p.name)
+            stale = bool(m and m["stem"] == name and _age_s(p) > LEGACY_TEMP_AGE_S)
+        if stale:
+            _remove(p)
+            removed.append(p)
+    if removed:
+        log.info("removed %d stale temp folder(s) left by interrupted runs: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+def _age_s(p: Path) -> float:
+    try:
+        return time.time() - p.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove(p: Path) -> None:
+    with signals_deferred():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def lock_path(dst: Path) -> Path:
+    """The lock file guarding writes into ``dst``: in ``model_home()/locks``, not beside ``dst``."""
+    dst = dst.parent.resolve() / dst.name
+    digest = hashlib.sha256(str(dst).encode()).hexdigest()[:16]
+    return model_home() / "locks" / f"{dst.name[:40]}-{digest}.lock"
+
+
+@contextlib.contextmanager
+def destination_lock(dst: Path):
+    """Hold the lock for ``dst`` or refuse at once: two writers into one destination never race."""
+    path = lock_path(dst)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise ConvertError(
+            f"{dst}: another process is writing this destination right now (lock {path}); wait for it to "
+            "finish or choose another destination"
+        ) from None
+    except OSError as e:
+        raise ConvertError(f"cannot create the lock file {path} ({e.strerror or e}); set HETERO_JAX_HOME to "
+                           "a folder you can write to") from e
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def writable_dir(folder: Path, what: Path) -> None:
+    """Create ``folder`` (and parents) or explain why ``what`` cannot be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"cannot write {what}: {folder}: {e.strerror or e}; choose a destination you can "
+                           "write to") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConvertError(f"cannot write {what}: {folder} is not writable; choose a destination you can write to")
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: Path, overwrite: bool):
     """Yield a temp sibling of ``dst`` to fill; on success it replaces ``dst`` in one rename.
 
-    On any failure (including Ctrl-C) the temp folder is removed, so a reader never sees a
-    half-written ``dst``. An existing ``dst`` is refused unless ``overwrite``.
+    Holds ``dst``'s lock throughout (a second writer is refused), removes temps that dead
+    processes left for ``dst``, and on any failure, Ctrl-C or SIGTERM removes its own temp
+    folder, so a reader never sees a half-written ``dst``. An existing ``dst`` is refused
+    unless ``overwrite``.
     """
-    dst = Path(dst).expanduser()
-    if dst.exists() and not overwrite:
-        raise ConvertError(f"{dst} already exists; pass overwrite=True (--overwrite) or choose another destination")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():  # rename cannot replace a non-empty folder: move the old one aside first
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    dst = Path(dst).expanduser().absolute()
+    with destination_lock(dst), cleanup_pending():
+        if dst.exists() and not overwrite:
+            raise ConvertError(f"{dst} already exists; pass overwrite=True (--overwrite) or choose another destination")
+        writable_dir(dst.parent, dst)
+        remove_stale_temps(dst.parent, dst.name)
+        tmp = temp_sibling(dst)
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise ConvertError(f"cannot write {dst}: {e.strerror or e}; choose a destination you can write to") from e
+        try:
+            yield tmp
+            with signals_deferred():  # both renames or neither
+                if dst.exists():  # rename cannot replace a non-empty folder: move the old one aside first
+                    old = temp_sibling(dst, "old")
+                    os.replace(dst, old)
+                    os.replace(tmp, dst)
+                    _remove(old)
+                else:
+                    os.replace(tmp, dst)
+        finally:
+            if tmp.exists():
+                _remove(tmp)

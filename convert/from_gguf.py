@@ -158,12 +158,32 @@ def gguf_config(reader, source: str) -> LlamaConfig:
         raise ConvertError(f"{source}: {e}") from e
 
 
+# ``{arch}.*`` metadata that must be positive integers when present (0 heads divides by zero later)
+SIZE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "context_length", "vocab_size",
+             "attention.head_count", "attention.head_count_kv", "attention.key_length")
+
+
+def check_sizes(reader, source: str) -> None:
+    """Refuse zero, negative or per-layer (array) sizes by key before any arithmetic uses them."""
+    arch = field_value(reader.fields["general.architecture"]) if "general.architecture" in reader.fields else None
+    for suffix in SIZE_KEYS:
+        key = f"{arch}.{suffix}"
+        if key not in reader.fields:
+            continue
+        v = field_value(reader.fields[key])
+        if isinstance(v, list):
+            raise ConvertError(f"{source}: metadata {key} holds one value per layer; only uniform layers are supported")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConvertError(f"{source}: metadata {key} must be a positive integer, got {v!r}; the GGUF is corrupt")
+
+
 def load_gguf(path, dtype="float32", progress=None):
     """(LlamaConfig, params, tokenizer or None) from a llama.cpp GGUF file, dequantized to ``dtype``."""
     import gguf
 
     reader = open_gguf(path)
     source = str(Path(path))
+    check_sizes(reader, source)
     cfg = gguf_config(reader, source)
     permuted = field_value(reader.fields["general.architecture"]) in PERMUTED_QK_ARCHS
 

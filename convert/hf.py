@@ -102,6 +102,7 @@ def assemble_params(
                 f"{source}: tensor {label(name)} has shape {x.shape}, expected {hf_shape} from the config; "
                 "the weights and config.json do not belong together"
             )
+        check_finite_array(x, f"{source}: tensor {label(name)}")
         leaf = jnp.asarray(x.T if transpose else x, dtype=dt)
         node = params
         for key in path[:-1]:
@@ -114,6 +115,30 @@ def assemble_params(
     return params
 
 
+def check_finite_array(x: np.ndarray, what: str) -> None:
+    """NaN or inf in a weight would only show later as empty text or token 0: refuse it by name."""
+    if np.issubdtype(x.dtype, np.integer) or np.isfinite(x.min()) and np.isfinite(x.max()):  # no temp array
+        return
+    bad = ~np.isfinite(x)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ConvertError(f"{what} has {int(bad.sum())} non-finite value(s) (NaN or inf; the first at index {first}); "
+                       "the checkpoint is corrupt -- download it again")
+
+
+# config.json fields that must be positive integers when present (0 heads divides by zero later)
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_sizes(hf: dict, cfg_file: Path) -> None:
+    for key in SIZE_FIELDS:
+        v = hf.get(key)
+        if v is None and key in ("num_key_value_heads", "head_dim"):
+            continue  # optional: default from num_attention_heads / hidden_size
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
+            raise ConvertError(f"{cfg_file}: {key} must be a positive integer, got {v!r}")
+
+
 def read_hf_config(path: Path) -> LlamaConfig:
     """LlamaConfig (Llama or Qwen2 family) from ``config.json`` (+ eos ids from ``generation_config.json`` if present)."""
     cfg_file = path / "config.json"
@@ -123,6 +148,10 @@ def read_hf_config(path: Path) -> LlamaConfig:
         hf = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConvertError(f"{cfg_file}: not valid JSON ({e}); download the model again") from e
+    if not isinstance(hf, dict):
+        raise ConvertError(f"{cfg_file}: holds a JSON {type(hf).__name__}, not an object; is this a transformers "
+                           "config.json?")
+    _check_sizes(hf, cfg_file)
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConvertError(f"{cfg_file}: Llama variants with attention/MLP biases are not supported")
     try:
@@ -149,9 +178,14 @@ def safetensors_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError, AttributeError) as e:
             raise ConvertError(f"{index}: unreadable shard index ({e}); download the model again") from e
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        outside = [f for f in names if not isinstance(f, str) or Path(f).is_absolute() or ".." in Path(f).parts]
+        if outside:
+            raise ConvertError(f"{index}: names shard files outside the model folder ({_summary(map(str, outside))}); "
+                               "refusing to read them -- shards must sit inside the model folder")
+        files = [path / f for f in names]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise ConvertError(f"{path}: shard files {_summary(absent)} named in {INDEX_FILE} are missing; download them")

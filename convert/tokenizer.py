@@ -9,9 +9,13 @@ so we feed them the metadata read with the ``gguf`` package and get the same tok
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from convert.common import ConvertError
+
+log = logging.getLogger("hetero_jax")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
@@ -74,19 +78,49 @@ def tokenizer_from_gguf(reader, source: str = "GGUF"):
         ) from e
 
 
+def wants_custom_code(folder: Path) -> list[str]:
+    """The files of ``folder`` whose ``auto_map`` asks transformers to import Python code from the folder."""
+    found = []
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            d = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and d.get("auto_map"):
+            found.append(name)
+    return found
+
+
 def load_tokenizer(folder: Path, converted: bool = False):
     """The tokenizer saved in (or shipped with) ``folder``, or None when it has none.
 
+    Never runs code from the folder: ``trust_remote_code=False``, and a folder whose config names
+    its own tokenizer code (``auto_map``) gets the tokenizer built from ``tokenizer.json`` alone.
     A converted folder's ``config.json`` is ours, not transformers': there we load the saved
-    ``tokenizer.json`` directly, because ``AutoTokenizer`` would parse that config too.
+    ``tokenizer.json`` directly too, because ``AutoTokenizer`` would parse that config.
     """
     folder = Path(folder)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    cls = PreTrainedTokenizerFast if converted and (folder / "tokenizer.json").is_file() else AutoTokenizer
+    custom = wants_custom_code(folder)
+    has_json = (folder / "tokenizer.json").is_file()
+    if custom and not has_json:
+        raise ConvertError(
+            f"{folder}: its tokenizer needs Python code from the folder ({' and '.join(custom)} has an auto_map), "
+            "which hetero-jax never runs; provide a tokenizer.json"
+        )
+    if custom:
+        log.warning("%s: ignoring the custom code named in %s (never run); building the tokenizer from tokenizer.json",
+                    folder, " and ".join(custom))
+    direct = has_json and (converted or custom)
     try:
-        return cls.from_pretrained(str(folder))
-    except (OSError, ValueError, ImportError) as e:
-        raise ConvertError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+        if direct:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(folder), trust_remote_code=False)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, ImportError, TypeError, KeyError) as e:
+        raise ConvertError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:300]})") from e
+    tok.init_kwargs.pop("auto_map", None)  # save_pretrained must not pass the request on
+    return tok

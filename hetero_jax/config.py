@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any
 
 
@@ -79,6 +80,13 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_position_embeddings")
+        bad = [f"{f}={getattr(self, f)!r}" for f in sizes
+               if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), numbers.Integral)
+               or getattr(self, f) < 1]
+        if bad:
+            raise ConfigError(f"sizes must be positive integers: {', '.join(bad)}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

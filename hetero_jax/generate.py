@@ -21,12 +21,9 @@ from hetero_jax import model
 from hetero_jax.cache import CachePolicy, make_policy
 from hetero_jax.cache.base import Cache, round_up
 from hetero_jax.config import LlamaConfig
+from hetero_jax.generate_inputs import GenerationError, check_generate_inputs
 
 PAD_MULTIPLE = 128  # prompts are right-padded to this, bounding recompiles and padding waste
-
-
-class GenerationError(ValueError):
-    """Bad arguments to generate (empty prompt, too long, bad sampling options)."""
 
 
 @dataclasses.dataclass
@@ -206,6 +203,8 @@ def generate(
     ``prefilled`` (from ``prefill_once`` on the same tokens) skips the forward pass for policies
     that share prefill attention; ``timing["prefill_s"]`` then adds the shared forward's time.
     """
+    check_generate_inputs(params, tokens, cache, config, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id)
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = Sampling(temperature, top_k, top_p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from hetero_jax.config import LlamaConfig
+from hetero_jax.interrupts import cleanup_pending
 
 FORMAT = "hetero-jax-profile"
 VERSION = 1
@@ -163,26 +165,48 @@ class Profile:
                 tuple(sorted((int(p), tuple(int(s) for s in sats)) for p, sats in x["clusters"].items()))
                 for x in layers
             )
+            if not isinstance(d["model"], dict) or not isinstance(d["params"], dict):
+                raise TypeError('"model" and "params" must be JSON objects')
             prof = cls(model=d["model"], params=d["params"], roles=roles, stability=stab, weights=weights,
                        clusters=clusters)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProfileError(f"{source} is malformed: {type(e).__name__}: {e}") from e
         prof.validate(source)
         return prof
 
     def validate(self, source: str = "profile") -> None:
-        """Internal consistency: roles known, clusters match roles, weights where compressed."""
+        """Internal consistency: shapes agree, roles known, clusters name existing heads and match
+        the roles, weights where compressed."""
+        n = len(self.roles)
+        if not n:
+            raise ProfileError(f"{source}: has no layers")
+        for name, rows in (("stability", self.stability), ("weights", self.weights), ("clusters", self.clusters)):
+            if len(rows) != n:
+                raise ProfileError(f"{source}: {n} layers of roles but {len(rows)} of {name}")
         for l, roles in enumerate(self.roles):
+            heads = len(roles)
+            if heads != len(self.roles[0]):
+                raise ProfileError(f"{source}: layer {l} has {heads} heads, layer 0 has {len(self.roles[0])}")
+            if len(self.stability[l]) != heads or len(self.weights[l]) != heads:
+                raise ProfileError(f"{source}: layer {l} has {heads} roles but {len(self.stability[l])} stability "
+                                   f"and {len(self.weights[l])} weight values")
             bad = [r for r in roles if r not in ROLES]
             if bad:
                 raise ProfileError(f"{source}: layer {l} has unknown roles {bad}; known: {ROLES}")
+            named = [h for p, ss in self.clusters[l] for h in (p, *ss)]
+            outside = sorted({h for h in named if not 0 <= h < heads})
+            if outside:
+                raise ProfileError(f"{source}: layer {l} clusters name head(s) {outside}, but the layer has {heads} "
+                                   f"heads (0..{heads - 1})")
+            if len(named) != len(set(named)):
+                raise ProfileError(f"{source}: layer {l} clusters name a head twice")
             sats = {s for _, ss in self.clusters[l] for s in ss}
             pivots = {p for p, _ in self.clusters[l]}
             for h, r in enumerate(roles):
                 if (r == "pivot") != (h in pivots) or (r == "satellite") != (h in sats):
                     raise ProfileError(f"{source}: layer {l} head {h} role {r!r} disagrees with its clusters")
                 w = self.weights[l][h]
-                if (r in FULL_ROLES) != (w is None) or (w is not None and not w > 0):
+                if (r in FULL_ROLES) != (w is None) or (w is not None and not 0 < w < math.inf):
                     raise ProfileError(f"{source}: layer {l} head {h} ({r}) has budget weight {w!r}")
 
 
@@ -194,6 +218,12 @@ def save_profile(profile: Profile, path) -> Path:
     layers = d.pop("layers")  # one line per layer: readable and diffable
     text = json.dumps(d, indent=1)[:-2] + ',\n "layers": [\n' + ",\n".join("  " + json.dumps(x) for x in layers)
     text += "\n ]\n}\n"
+    with cleanup_pending():
+        _write_atomic(path, text)
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -206,15 +236,20 @@ def save_profile(profile: Profile, path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 def load_profile(path) -> Profile:
     path = Path(path)
+    if path.is_dir():
+        raise ProfileError(f"profile {path} is a folder; pass the profile's .json file")
     if not path.is_file():
         raise ProfileError(f"profile file {path} does not exist; make one with `hetero-jax profile --out {path}`")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"profile file {path} is not UTF-8 text (byte {e.start}); pass a profile .json file") from e
+    except OSError as e:
+        raise ProfileError(f"profile file {path}: cannot read it ({e.strerror or e})") from e
     except json.JSONDecodeError as e:
         raise ProfileError(f"profile file {path} is not valid JSON: {e}") from e
     return Profile.from_json_dict(d, source=str(path))

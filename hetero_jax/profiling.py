@@ -34,6 +34,7 @@ from hetero_jax.config import LlamaConfig
 from hetero_jax.profile_io import Profile, model_fingerprint, save_profile, weights_digest
 
 REF_MAX_LENGTH, REF_TOPK = 5000, 1024  # the authors' defaults (tools/get_weights.py)
+MIN_CALIBRATION_TOKENS = 128  # shorter texts say little about how a head behaves over a long context
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 EPS = 1e-6  # in the budget weights 1 / (stab + eps), as the authors
 
@@ -209,6 +210,7 @@ def profile_model(params, cfg: LlamaConfig, tokens, *, name: str = "model", max_
     if max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be >= 2 (stability needs decode steps), got {max_new_tokens}")
     tokens = list(tokens)[:max_length]
+    check_calibration(len(tokens), topk, sim_threshold, stable_threshold)
     pre, dec, gen = record_sets(params, cfg, tokens, topk=topk, max_new_tokens=max_new_tokens, progress=progress)
     roles, stab, weights, clusters = classify(pre, dec, sim_threshold=sim_threshold,
                                               stable_threshold=stable_threshold)
@@ -226,8 +228,31 @@ def profile_model(params, cfg: LlamaConfig, tokens, *, name: str = "model", max_
     )
 
 
+def check_calibration(n: int, topk: int, sim_threshold: float, stable_threshold: float) -> None:
+    """Refuse settings whose roles would mean nothing: too few tokens, or top-k sets so large that
+    two random sets already overlap (by topk / n on average) as much as the thresholds ask."""
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    if n < MIN_CALIBRATION_TOKENS:
+        raise ValueError(f"calibration text has {n} tokens (after --max-length); profiling needs at least "
+                         f"{MIN_CALIBRATION_TOKENS} -- use a longer text, e.g. the shipped default")
+    limit = min([t for t in (sim_threshold, stable_threshold) if t > 0], default=1.0)
+    if topk >= limit * n:
+        raise ValueError(
+            f"topk={topk} is {topk / n:.0%} of the {n} calibration tokens: two random top-k sets already overlap "
+            f"that much on average, at or above the threshold {limit}, so every head would look stable and "
+            f"similar; use topk < {int(limit * n)} (the reference uses ~20%) or a longer text"
+        )
+
+
 def calibration_tokens(tokenizer, path: Path = CALIBRATION_TEXT) -> tuple[list[int], dict]:
-    text = Path(path).read_text(encoding="utf-8")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"calibration text {path} is {'a folder' if path.is_dir() else 'missing'}; pass a text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration text {path} is not UTF-8 (byte {e.start}); pass a UTF-8 text file") from e
     ids = tokenizer.encode(text)
     info = {"file": Path(path).name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "tokens": len(ids)}
     if Path(path) == CALIBRATION_TEXT:
@@ -248,9 +273,18 @@ def main(argv=None) -> int:
     ap.add_argument("--stable-threshold", type=float, default=0.5)
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    for name in ("max_length", "topk", "max_new_tokens"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder; give the profile's file name (e.g. "
+                         f"{Path(a.out) / 'profile.json'})")
     import convert  # the model loader; imported late so profiling math has no loader dependency
 
     m = convert.load_model(a.model)
+    if m.tokenizer is None:
+        raise ValueError(f"{m.path} has no tokenizer, so the calibration text cannot be tokenized; convert the "
+                         "model from a source with a tokenizer")
     ids, info = calibration_tokens(m.tokenizer, Path(a.text))
     prof = profile_model(
         m.params, m.cfg, ids, name=Path(str(m.path)).name if a.model == "default" else str(a.model),
