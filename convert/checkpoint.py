@@ -3,7 +3,7 @@
 Layout of a converted folder::
 
     config.json      LlamaConfig.to_dict()
-    params/          orbax checkpoint of the params pytree (hetero_jax.params layout)
+    params/          orbax checkpoint of the params pytree (convert.params layout)
     tokenizer.json, tokenizer_config.json, ...   tokenizer.save_pretrained (when the source has one)
     meta.json        written last: source, sha256 of the source files, dtype, version
 
@@ -22,12 +22,13 @@ from typing import Any
 
 import jax
 
+from convert import default_model
 from convert.common import ConvertError, as_dtype, atomic_dir, existing_path, sha256_file
+from convert.config import ConfigError, LlamaConfig
 from convert.from_gguf import GGUF_MAGIC, load_gguf
 from convert.hf import INDEX_FILE, load_hf, safetensors_files
+from convert.params import abstract_params
 from convert.tokenizer import TOKENIZER_FILES, load_tokenizer
-from hetero_jax.config import ConfigError, LlamaConfig
-from hetero_jax.params import abstract_params
 
 FORMAT = "hetero-jax-converted"
 FORMAT_VERSION = 1
@@ -132,6 +133,19 @@ def convert(src, dst, dtype="float32", overwrite=False, progress=None) -> Path:
     return dst
 
 
+def ensure_default_model(progress=None) -> Path:
+    """The converted default model folder; fetched and converted on first use, reused after."""
+    dst = default_model.default_model_dir()
+    if not default_model.is_converted(dst):
+        default_model.locked(_convert_default, dst, progress)
+    return dst
+
+
+def _convert_default(dst: Path, progress) -> None:
+    if not default_model.is_converted(dst):  # another process may have finished while we waited for the lock
+        convert(default_model.fetch_gguf(progress), dst, dtype="float32", overwrite=True, progress=progress)
+
+
 def read_meta(folder: Path) -> dict:
     try:
         meta = json.loads((folder / META_FILE).read_text())
@@ -163,8 +177,6 @@ def load_model(spec, dtype=None, progress=None) -> LoadedModel:
     if dtype is not None:
         as_dtype(dtype)  # a typo should fail before a long download or load
     if isinstance(spec, str) and spec == "default":
-        from convert.default_model import ensure_default_model
-
         spec = ensure_default_model(progress=progress)
     path = existing_path(spec, "pass a converted folder, an HF model folder, a .gguf file or 'default'")
     if path.is_file():

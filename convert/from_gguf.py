@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from convert.common import ConvertError, existing_path
+from convert.config import ConfigError, LlamaConfig, RopeScaling
 from convert.hf import LAYER_NAMES, assemble_params
 from convert.tokenizer import field_value, tokenizer_from_gguf
-from hetero_jax.config import ConfigError, LlamaConfig, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",

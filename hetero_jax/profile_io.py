@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hetero_jax.config import LlamaConfig
+from convert.config import LlamaConfig
 
 FORMAT = "hetero-jax-profile"
 VERSION = 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,8 @@ import pytest
 
 from hetero_jax import model
 from hetero_jax.cache.full import FullKV
-from hetero_jax.generate import GenerationError, generate, sample_tokens, Sampling
+from hetero_jax.decode_loop import GenerationError, RunOptions, Sampling, sample_tokens
+from hetero_jax.generate import generate
 
 
 def _prompts(seed, lengths, vocab=256):
@@ -118,11 +118,12 @@ def test_unknown_policy(tiny_cfg, tiny_params):
 def test_padding_bucket_and_reserve_do_not_change_tokens(tiny_cfg, tiny_params, seed):
     prompts = _prompts(seed, [70, 140])
     plain = generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7)
-    bucketed = generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7, pad_multiple=512,
-                        reserve_new_tokens=40)
+    bucketed = generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7,
+                        options=RunOptions(pad_multiple=512, reserve_new_tokens=40))
     assert bucketed.tokens == plain.tokens
     with pytest.raises(GenerationError, match="reserve_new_tokens"):
-        generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7, reserve_new_tokens=3)
+        generate(tiny_params, prompts, "full", config=tiny_cfg, max_new_tokens=7,
+                 options=RunOptions(reserve_new_tokens=3))
 
 
 @pytest.mark.parametrize("name, ratio", [("full", None), ("snapkv", 0.5), ("streaming", 0.5), ("h2o", 0.5),
@@ -130,15 +131,16 @@ def test_padding_bucket_and_reserve_do_not_change_tokens(tiny_cfg, tiny_params, 
 def test_shared_prefill_equals_own_prefill(tiny_cfg, tiny_params, seed, name, ratio):
     """One prefill_once feeds many policies: caches, tokens and stats equal each policy's own prefill."""
     from hetero_jax.cache import make_policy
-    from hetero_jax.generate import prefill_once
+    from hetero_jax.decode_loop import prefill_once
 
     prompts = _prompts(seed, [90, 200])
     policy = make_policy(name, tiny_cfg, ratio=ratio, **({"window": 8} if name in ("snapkv", "pyramidkv") else {}))
-    assert policy.shares_prefill()
     shared = prefill_once(tiny_params, prompts, config=tiny_cfg)
     own = generate(tiny_params, prompts, policy, config=tiny_cfg, max_new_tokens=6)
-    via = generate(tiny_params, prompts, policy, config=tiny_cfg, max_new_tokens=6, prefilled=shared)
+    via = generate(tiny_params, prompts, policy, config=tiny_cfg, max_new_tokens=6,
+                   options=RunOptions(prefilled=shared))
     assert via.tokens == own.tokens
     assert via.stats["device_bytes"] == own.stats["device_bytes"]
     with pytest.raises(GenerationError, match="other tokens"):
-        generate(tiny_params, prompts[:1], policy, config=tiny_cfg, max_new_tokens=6, prefilled=shared)
+        generate(tiny_params, prompts[:1], policy, config=tiny_cfg, max_new_tokens=6,
+                 options=RunOptions(prefilled=shared))

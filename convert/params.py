@@ -28,9 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax.config import LlamaConfig
-
-LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+from convert.config import LlamaConfig
 
 
 def param_shapes(cfg: LlamaConfig) -> dict:

@@ -1,7 +1,7 @@
 """Model configuration: the handful of numbers a Llama forward pass needs.
 
 Read from a Hugging Face ``config.json`` (transformers 4.x ``rope_scaling`` or 5.x
-``rope_parameters``) or from GGUF metadata (see ``convert.gguf``). Frozen and hashable so it
+``rope_parameters``) or from GGUF metadata (``convert.from_gguf``). Frozen and hashable so it
 can be a static argument of jitted functions.
 """
 
@@ -48,11 +48,6 @@ class LlamaConfig:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA group, G)."""
-        return self.num_heads // self.num_kv_heads
 
     def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
         """Bytes of K and V for one token over all layers and KV heads."""
