@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -289,6 +290,41 @@ def test_drift_check_matches_numpy(seed, trigger):
                 np.testing.assert_array_equal(new_ref, np.asarray(before.drift.ref)[bi, 0])
         assert int(np.asarray(after.drift.checks)[0]) == 1 and int(np.asarray(after.drift.refreshes)[0]) == any(flags)
         assert kmax == prof.base_budget(0.5, 256)
+
+
+def test_each_pivot_is_compared_with_its_own_reference(seed):
+    """REFERENCE.md section 4: the authors pair pivots with reference rows by the JSON order of the
+    clusters but store the rows in ascending pivot order, so in a layer whose JSON lists pivots out
+    of order a pivot is checked against another pivot's set. Here row i is pivot i's own set, for
+    a profile file listing pivot 2 before pivot 0 and for a Profile object keeping that order."""
+    rng = np.random.default_rng(seed)
+    cfg = make_cfg(layers=1, kv=4)
+    prof = random_profile(cfg, rng, [([(0, [1]), (2, [3])], "aaaa")])
+    d = json.loads(json.dumps(prof.to_json_dict()))
+    d["layers"][0]["clusters"] = {"2": [3], "0": [1]}
+    from_file = Profile.from_json_dict(json.loads(json.dumps(d)))
+    as_listed = dataclasses.replace(prof, clusters=(((2, (3,)), (0, (1,))),))
+    params = init_random_params(cfg, seed, scale=0.3)
+    lengths = [256, int(rng.integers(60, 256))]
+    toks = prompts(rng, lengths, 256)
+    q, k, _ = (np.asarray(x) for x in model.prefill_qkv(params, jnp.asarray(toks), jnp.asarray(lengths, jnp.int32),
+                                                       cfg=cfg)[1][0])
+    g = cfg.num_heads // cfg.num_kv_heads
+    for profile in (from_file, as_listed):
+        pol = HeteroCache.create(cfg, ratio=0.75, profile=profile, steps=2)
+        _, caches = run(params, cfg, pol, toks, lengths, 2)
+        p = pol.plan(0, 256, 3)
+        before, after = caches[1].layers[0], caches[2].layers[0]  # the check runs in decode step 1
+        for i, (pivot, _) in enumerate(p.monitored):
+            for bi, n in enumerate(lengths):
+                kb = prof.base_budget(0.75, n)
+                ref = np.asarray(before.drift.ref)[bi, i, :kb]
+                assert_topk_set(ref, np_group_scores(q[bi, n - 1, pivot * g:(pivot + 1) * g], k[bi, :, pivot], n), kb)
+                keys = np.asarray(after.k)[bi, p.starts[pivot]:p.starts[pivot] + 256]
+                ovs = [len(set(ref.tolist()) & set(np.argsort(-np_group_scores(np.asarray(after.drift.qbuf)[bi, w, i],
+                                                                              keys, n), kind="stable")[:kb].tolist())) / kb
+                       for w in range(2)]
+                assert abs(float(after.drift.overlap[bi, i]) - np.median(ovs)) <= 1.01 / kb, (pivot, bi)
 
 
 # ------------------------------------------------------------------------------------ refresh

@@ -291,6 +291,7 @@ def test_option_errors_and_defaults(seed):
     assert (pol.lag, pol.stagger, pol.check_impl) == (2, True, "select")
     default = HeteroCache.create(cfg, ratio=0.5, profile=prof)
     assert (default.lag, default.stagger, default.threshold_mode) == (1, False, "fixed")
+    assert (default.trigger, default.refresh_select) == ("sequence", "authors")  # batch-invariant, the authors' rows
 
 
 def test_select_window_keeps_the_window_and_snapkv_votes(seed):

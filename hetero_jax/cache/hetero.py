@@ -70,8 +70,8 @@ class HeteroCache(CachePolicy):
     ratio: float = 0.5
     steps: int = 5
     threshold: float = 0.5  # drift trigger: median overlap below it refreshes
-    trigger: str = "batch"
-    refresh_select: str = "topk"
+    trigger: str = "sequence"
+    refresh_select: str = "authors"
     check_impl: str = "spread"
     stagger: bool = False
     lag: int = 1  # steps from a check to the step that first uses the refreshed rows
