@@ -1,7 +1,9 @@
 """Model conversion: HF safetensors folders and llama.cpp GGUF files -> the params pytree.
 
 Convert once into a folder (orbax params + config + tokenizer), load fast after; or load a
-source directly. ``load_model("default")`` fetches SmolLM2-135M-Instruct on first use.
+source directly. ``load_model("default")`` fetches SmolLM2-135M-Instruct on first use. The model's
+definition lives here too (``convert.config``, ``convert.params``): what conversion produces and
+``hetero_jax`` consumes; this package imports nothing from ``hetero_jax``.
 """
 
 from convert.checkpoint import LoadedModel, convert, ensure_default_model, load_model, restore_params, save_params

@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from convert import default_model
+import convert.default_model as default_model
 from convert.common import ConvertError, as_dtype, atomic_dir, existing_path, sha256_file
 from convert.config import ConfigError, LlamaConfig
 from convert.from_gguf import GGUF_MAGIC, load_gguf

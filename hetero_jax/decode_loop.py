@@ -187,7 +187,8 @@ def run(params, tokens, *, config: LlamaConfig, policy: CachePolicy, steps: int,
     n, per_step = 0, []
     t0 = time.perf_counter()
     if steps > 0:
-        exe = compiled(_step_fn(config, policy, sampling, stop, record), params, _device_part(cache), state, key)
+        device_part = functools.partial(dataclasses.replace, host=None)  # host arrays stay out of the step
+        exe = compiled(_step_fn(config, policy, sampling, stop, record), params, device_part(cache), state, key)
         timing["decode_compile_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for i in _bar(range(steps), progress, "decode", "tok"):
@@ -195,7 +196,7 @@ def run(params, tokens, *, config: LlamaConfig, policy: CachePolicy, steps: int,
             cache = policy.before_step(cache)
             if feed is not None:
                 state = dataclasses.replace(state, tok=feed[i])
-            dev, state, rec = exe(params, _device_part(cache), state, key)
+            dev, state, rec = exe(params, device_part(cache), state, key)
             cache, n = dataclasses.replace(dev, host=cache.host), i + 1
             if record:
                 records.append(rec)
@@ -225,10 +226,6 @@ def _check_finite(bad: int, steps: int) -> None:
                               "hold NaN/inf values")
 
 
-def _device_part(cache: Cache) -> Cache:
-    return dataclasses.replace(cache, host=None)
-
-
 def _prefill(params, padded, lengths, cfg, policy, reserve, prefilled, show_layers):
     """-> (logits, cache, timing) with the forward pass (or the build from ``prefilled``) compiled
     ahead of time and timed apart from its compilation."""
@@ -245,14 +242,13 @@ def _prefill(params, padded, lengths, cfg, policy, reserve, prefilled, show_laye
     if prefilled is not None:
         logits, cache = prefilled.logits, exe(*args)
     else:
-        _LAYER_BAR[0] = _bar(None, show_layers, "prefill", "layer", total=cfg.num_layers)
+        bar = _LAYER_BAR[0] = _bar(None, show_layers, "prefill", "layer", total=cfg.num_layers)
         try:
-            logits, cache = exe(*args)
-            jax.block_until_ready(cache)
+            logits, cache = jax.block_until_ready(exe(*args))
         finally:
-            if _LAYER_BAR[0] is not None:
-                _LAYER_BAR[0].close()
             _LAYER_BAR[0] = None
+            if bar is not None:
+                bar.close()
     timing["prefill_s"] = time.perf_counter() - t0 + (prefilled.prefill_s if prefilled is not None else 0.0)
     return logits, cache, timing
 

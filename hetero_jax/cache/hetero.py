@@ -1,40 +1,23 @@
 """HeteroCache: per-head roles from a profile, compressed heads, drift-gated refresh from host.
 
-The method as the authors' code runs it (REFERENCE.md sections 2-4), in four files by concern:
-``hetero_pool`` (the static per-layer plan and the ragged device pool: full heads keep the whole
-prompt, compressed heads their budget of top tokens, all of them the generated tokens),
-``hetero_monitor`` (token scores and the drift check, on device inside the decode step),
-``hetero_refresh`` (the satellites' prompt KV in host memory and the refresh programs, dispatched
-between steps without a host sync) and ``hetero_drift`` (the pure top-K arithmetic). This file
-holds the options and the cache-policy interface.
+The method as the authors' code runs it (REFERENCE.md sections 2-4), split by concern:
+``hetero_pool`` (the static per-layer plan and the ragged device pool), ``hetero_monitor`` (token
+scores and the drift check, on device inside the decode step), ``hetero_refresh`` (satellites'
+prompt KV in host memory, refresh programs dispatched between steps without a host sync) and
+``hetero_drift`` (pure top-K arithmetic). This file holds the options and the policy interface.
 
-Options (defaults run the authors' method; the rest are measured against them in bench/results/):
-
-* ``steps``, ``threshold``: a drift check every ``steps`` decode steps; a pivot's satellites are
-  refreshed when the median top-K overlap with its reference set falls below ``threshold``.
-* ``trigger``: "sequence" (default; each sequence decides alone, so a prompt's output does not
-  depend on its batch mates; the authors' rule at batch 1) or "batch" (the authors' batch-mean
-  overlap: one decision for the batch).
-* ``refresh_select``: "authors" (default: the pivot's top max_j cap_j tokens in position order,
-  satellite j takes the first cap_j) or "topk" (each satellite the pivot's top cap_j by score; a
-  deliberate deviation, see ``hetero_refresh``).
-* ``check_impl``: how the overlap is computed, all exact (the same sets as ``lax.top_k``, ties to
-  the lowest position): "spread" (default) scores each step's query as it comes, so a check step
-  only takes a median; "select" all at the check step; "topk" the original sort-based top-k.
-* ``stagger``: layer l checks at steps s with (s + 1 - l % steps) % steps == 0: the same rate per
-  pivot with the cost spread over steps; off by default since most layers' windows move.
-* ``lag``: 1 (the authors: a trigger at step t, rows used from step t + 1); 2: the rows are
-  selected and gathered while step t + 1 runs and written before step t + 2.
-* ``select_window``: 1 (the reference: the last prompt query picks the compressed heads' tokens);
-  w > 1: SnapKV's rule for them (the last w queries vote, their own tokens kept). The pivots'
-  reference sets stay the last query's.
-* ``threshold_mode``: "fixed" (``threshold``) or "rate": an integral controller steers the
-  threshold so ``target_rate`` of pivot checks refresh (``rate_gain`` per check).
-* ``offload``: satellites' prompt KV in host memory (``pinned_host``), else kept on device.
-
-Each pivot is compared with its own reference set, whatever order the profile lists a layer's
-clusters in (the authors' code pairs them by JSON order against ascending pivot order, a defect
-in layers with two or more pivots listed out of order).
+Options (defaults run the authors' method; the others are measured against them in bench/results/):
+``steps``, ``threshold`` (a check every ``steps`` decode steps, refresh when a pivot's median
+top-K overlap with its reference set is below ``threshold``); ``trigger`` "sequence" (each
+sequence decides alone: the authors' rule at batch 1, and a prompt's output does not depend on its
+batch mates) or "batch" (the authors' batch-mean overlap); ``refresh_select`` "authors" or "topk"
+(``hetero_refresh``); ``check_impl`` "spread" | "select" | "topk" (``hetero_monitor``; all exact);
+``stagger`` (layer l checks at phase l mod ``steps``: the same rate, spread over steps); ``lag`` 1
+(rows used from the step after the check, as the authors) or 2 (selected and gathered while that
+step runs, written before the next); ``select_window`` w > 1 (SnapKV's rule for the compressed
+heads: the last w prompt queries vote, their tokens kept; pivots' reference sets unchanged);
+``threshold_mode`` "fixed" or "rate" (``target_rate``, ``rate_gain``: ``hetero_drift``);
+``offload`` (satellites' prompt KV in ``pinned_host`` memory).
 """
 
 from __future__ import annotations
@@ -145,8 +128,7 @@ class HeteroCache(CachePolicy):
             pos, mask = in_position_order(jax.lax.top_k(sel[:, ci], max(p.caps[h] for h in comp))[1], keep[:, ci])
         st = store_prompt(p, kt, vt, keep, comp, pos, mask, max_new_tokens)
         if p.monitored:
-            st = dataclasses.replace(st, drift=init_drift(self, p, scores, kt, vt, lengths, q.shape, q.dtype,
-                                                          max_new_tokens))
+            st = dataclasses.replace(st, drift=init_drift(self, p, scores, q, kt, vt, lengths, max_new_tokens))
         return st
 
     def _window_scores(self, q, k, lengths, keeps):

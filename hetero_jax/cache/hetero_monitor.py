@@ -34,17 +34,17 @@ def group_max_scores(q, k, plen) -> jax.Array:
     return jnp.where(inside, pooled_scores(q, k, inside[..., None, None, :]), NEG_INF)
 
 
-def init_drift(policy, p: LayerPlan, scores, kt, vt, lengths, qshape, qdtype, max_new: int) -> DriftState:
+def init_drift(policy, p: LayerPlan, scores, q, kt, vt, lengths, max_new: int) -> DriftState:
     """The drift state after prefill: each pivot's reference set (top K = base of its last-query
     ``scores`` (B, Hkv, T)), empty buffers, the satellites' prompt KV staged for offload."""
     b, hkv, t, d = kt.shape
     pivots = [pv for pv, _ in p.monitored]
-    npv, g, kmax = len(pivots), qshape[2] // hkv, int(policy.base_table(t)[t])
+    npv, g, kmax = len(pivots), q.shape[2] // hkv, int(policy.base_table(t)[t])
     kb = jnp.asarray(policy.base_table(t))[lengths]
     idx = jax.lax.top_k(scores[:, jnp.asarray(pivots)], kmax)[1]  # (B, P, Kmax), row i = pivot i's own set
     r = jnp.arange(kmax)
     return DriftState(
-        qbuf=jnp.zeros((b, policy.steps, npv, g, d), qdtype),
+        qbuf=jnp.zeros((b, policy.steps, npv, g, d), q.dtype),
         ref=jnp.where(r < kb[:, None, None], idx, -1 - kmax - r).astype(jnp.int32),
         req=jnp.zeros((b, npv, t), jnp.float32),
         flag=jnp.zeros((b, npv), bool),

@@ -1,24 +1,20 @@
-"""HeteroCache's host side: satellites' prompt KV in host memory and the refresh programs, dispatched
-between decode steps without ever blocking (REFERENCE.md section 4).
+"""HeteroCache's host side: satellites' prompt KV in host memory and the refresh programs,
+dispatched between decode steps without ever blocking (REFERENCE.md section 4).
 
 ``offload`` (after_prefill) moves each monitored layer's satellite prompt KV to host memory and
-compiles the refresh programs, so no refresh stalls on a compile. ``dispatch`` (before_step), after
-a layer's check step, runs its programs, each jitted and compiled once per shape:
+compiles the refresh programs, so no refresh stalls on a compile. ``dispatch`` (before_step) runs
+them after a layer's check step, each jitted and compiled once per shape. lag 1, ``_refresh``:
+per triggered pivot, select the satellites' rows from the pivot's last scores, gather them from
+the host copy (host compute: only the chosen rows cross to the device, inside a ``lax.cond`` so
+nothing moves without a trigger) and write them before the next step. lag 2: ``_select`` (device;
+returns new arrays only, so the next decode step, which donates the state, waits on nothing
+else), ``_fetch`` (host gather, running beside that step) and, a step later, ``_apply``.
 
-* lag 1, ``_refresh``: per triggered pivot, select the satellites' new rows from the pivot's last
-  scores, gather them from the host copy (host compute; only the chosen rows cross to the device,
-  inside a ``lax.cond`` so nothing moves without a trigger) and write them, before the step after
-  the check (the authors' timing).
-* lag 2, ``_select`` (device; reads the state and returns new arrays only, so the next decode
-  step, which donates the state, waits on nothing else), ``_fetch`` (host gather + copy, running
-  beside that decode step) and, one step later, ``_apply`` (writes the rows).
-
-Selection (``refresh_select``): "authors" (default, their code): the pivot's top ``max_j cap_j``
-positions by score, sorted by position, and satellite j takes the first cap_j of that list;
-"topk": each satellite takes the pivot's top cap_j by score (a deliberate deviation: the authors'
-rule drops the newest prompt tokens, often the question, from the smaller satellite). The rate
-controller (``threshold_mode="rate"``) runs in ``_refresh`` / ``_apply`` over the pivots checked
-together.
+``refresh_select`` "authors" (default, as their code): the pivot's top max_j cap_j positions by
+score, in position order; satellite j takes the first cap_j. "topk": each satellite the pivot's
+top cap_j by score, a deliberate deviation: the authors' rule drops the newest prompt tokens
+(often the question) from the smaller satellite. The rate controller runs in ``_refresh`` /
+``_apply``, over the pivots checked together.
 """
 
 from __future__ import annotations

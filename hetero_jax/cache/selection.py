@@ -83,15 +83,10 @@ def check_kernel(kernel) -> None:
 
 # ------------------------------------------------------------------------------------ scores
 def vote_scores(q_rows, q_pos, k, lengths, *, kernel: int, reduce: str, prefix_end=None):
-    """Pooled, group-reduced attention votes of a few query rows over the prompt keys.
-
-    q_rows (B, W, Hq, D) post-RoPE queries at positions ``q_pos`` (B, W) (rows with a negative
-    position are padding and vote nothing); k (B, Hkv, T, D) head-major keys; lengths (B,) real
-    keys. Each row's softmax runs over keys ``< lengths`` and ``<= q_pos`` (causal); the
-    probabilities are summed over rows, zeroed at keys ``>= prefix_end`` (B,) (the pooling then
-    sees zero padding there, like pooling a sliced prefix), pooled and group-reduced
-    (``attention.pooled_scores``). Returns (B, Hkv, T) float32. Costs W x T scores per query head.
-    """
+    """``attention.pooled_scores`` of query rows q_rows (B, W, Hq, D) at positions ``q_pos`` (B, W)
+    (negative: padding, votes nothing) over head-major prompt keys k (B, Hkv, T, D): causal, keys
+    ``< lengths`` (B,), zeroed at keys ``>= prefix_end`` (B,) before pooling (like pooling a sliced
+    prefix). Returns (B, Hkv, T) float32; costs W x T scores per query head, never T x T."""
     key = jnp.arange(k.shape[2])
     ok = (key[None, None, :] <= q_pos[:, :, None]) & (key[None, None, :] < lengths[:, None, None])  # (B,W,T)
     end = lengths if prefix_end is None else prefix_end
