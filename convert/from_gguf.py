@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from convert.common import ConvertError, existing_path
+from convert.config import QKV_BIAS_FAMILIES, ConfigError, LlamaConfig, RopeScaling
 from convert.hf import LAYER_NAMES, assemble_params
 from convert.tokenizer import field_value, tokenizer_from_gguf
-from hetero_jax.config import QKV_BIAS_FAMILIES, ConfigError, LlamaConfig, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("llama", "qwen2")

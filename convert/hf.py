@@ -1,6 +1,6 @@
 """Load a Hugging Face Llama or Qwen2 folder (config.json + safetensors, single or sharded) into our params.
 
-HF stores linear weights ``(out, in)``; our layout (``hetero_jax.params``) is ``(in, out)``, so
+HF stores linear weights ``(out, in)``; our layout (``convert.params``) is ``(in, out)``, so
 matrices are transposed here, once. Every name, shape and file problem is reported by name, since
 a silently wrong weight shows up only as bad text much later.
 """
@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from convert.common import ConvertError, as_dtype, existing_path, want_progress
-from hetero_jax.config import ConfigError, LlamaConfig
-from hetero_jax.params import check_params, param_shapes
+from convert.config import ConfigError, LlamaConfig
+from convert.params import check_params, param_shapes
 
 # our per-layer key -> HF name inside ``model.layers.{i}.``
 LAYER_NAMES = {

@@ -1,4 +1,4 @@
-"""Attention math shared by every cache policy: RoPE, chunked causal prefill, prompt scores.
+"""Attention math shared by every cache policy: RoPE, chunked causal prefill, per-key scores.
 
 Shapes: B batch, T prompt tokens (right-padded; ``lengths`` (B,) says how many are real),
 Hq query heads, Hkv KV heads, G = Hq // Hkv, D head dim. All softmaxes run in float32.
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax.config import LlamaConfig
+from convert.config import LlamaConfig
 
 NEG_INF = -1e30
 
@@ -48,7 +48,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
+def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
     """(B, T, Hq, D) -> (B, Hkv, G, T, D)."""
     b, t, hq, d = q.shape
     return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, d).transpose(0, 2, 3, 1, 4)
@@ -69,7 +69,7 @@ def prefill_attention(q, k, v, chunk: int = 512) -> jax.Array:
     chunk = math.gcd(t, chunk)
     n = t // chunk
     scale = 1.0 / math.sqrt(d)
-    qg = _group(q, hkv).astype(jnp.float32) * scale  # (B, Hkv, G, T, D)
+    qg = group_queries(q, hkv).astype(jnp.float32) * scale  # (B, Hkv, G, T, D)
     kt = k.transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
     vt = v.transpose(0, 2, 1, 3)
 
@@ -110,19 +110,23 @@ def prefill_attention(q, k, v, chunk: int = 512) -> jax.Array:
     return out.astype(q.dtype)
 
 
-def query_scores(q_rows, k, lengths) -> jax.Array:
-    """Softmax attention probabilities of a few query rows over the prompt keys.
+def pooled_scores(q, k, valid, *, kernel: int = 5, reduce: str = "max", keep=None) -> jax.Array:
+    """Per-key scores of a few queries, the one rule behind SnapKV votes, HeteroCache's selection
+    and drift check, H2O's accumulation, retrieval and profiling: each query row's softmax (float32)
+    over the keys it may see, summed over the rows, zeroed outside ``keep``, average-pooled over the
+    keys (``pool5`` with ``kernel``; 1 = none), reduced over the GQA group (``max`` or ``mean``).
 
-    q_rows: (B, W, Hq, D) post-RoPE queries (e.g. the last prompt query, W=1);
-    k: (B, T, Hkv, D); lengths: (B,) real prompt tokens. Keys at or past ``lengths`` get 0.
-    Returns (B, Hkv, G, W, T) float32. Costs W rows, never T x T.
+    q (..., G, W, D) post-RoPE queries (W rows per query head), k (..., S, D) keys; ``...`` (e.g.
+    (B, Hkv)) broadcasts. ``valid`` bool, broadcastable to (..., G, W, S): the keys each row
+    attends (a row with none votes nothing); ``keep`` (..., S) or None. Returns (..., S) float32.
     """
-    b, t, hkv, d = k.shape
-    qg = _group(q_rows, hkv).astype(jnp.float32)
-    s = jnp.einsum("bhgwd,bthd->bhgwt", qg, k.astype(jnp.float32)) / math.sqrt(d)
-    valid = jnp.arange(t)[None, :] < lengths[:, None]  # (B, T)
-    s = jnp.where(valid[:, None, None, None, :], s, NEG_INF)
-    return jax.nn.softmax(s, axis=-1)
+    s = jnp.einsum("...gwd,...sd->...gws", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(q.shape[-1])
+    p = jnp.where(valid, jax.nn.softmax(jnp.where(valid, s, NEG_INF), axis=-1), 0.0).sum(-2)
+    if keep is not None:
+        p = jnp.where(keep[..., None, :], p, 0.0)
+    if kernel > 1:
+        p = pool5(p, kernel)
+    return p.max(-2) if reduce == "max" else p.mean(-2)
 
 
 def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from hetero_jax import interrupts
+from convert import interrupts
 
 log = logging.getLogger("hetero_jax")
 DEBUG_ENV = "HETERO_JAX_DEBUG"

@@ -14,16 +14,13 @@ import numbers
 import jax
 import numpy as np
 
+from convert.config import LlamaConfig
+from convert.params import check_params
 from hetero_jax.cache import CachePolicy
-from hetero_jax.config import LlamaConfig
-from hetero_jax.params import check_params
+from hetero_jax.decode_loop import GenerationError
 
 
-class GenerationError(ValueError):
-    """Bad arguments to generate (empty prompt, too long, bad sampling options)."""
-
-
-def check_generate_inputs(params, tokens, cache, config, *, max_new_tokens, temperature, top_k, top_p, seed,
+def check_generate_inputs(params, tokens, policy, config, *, max_new_tokens, temperature, top_k, top_p, seed,
                           stop_tokens, pad_id) -> None:
     """Refuse what would otherwise be clamped, truncated or turned into NaN on device, by name.
 
@@ -36,10 +33,10 @@ def check_generate_inputs(params, tokens, cache, config, *, max_new_tokens, temp
         check_params(params, config)
     except ValueError as e:
         raise GenerationError(f"{e}; pass the config the params were loaded with (LoadedModel.cfg)") from None
-    if not isinstance(cache, (str, CachePolicy)):
-        raise GenerationError(f"cache must be a policy name or a CachePolicy, got {type(cache).__name__}")
-    if isinstance(cache, CachePolicy):
-        _check_policy_fits(cache, config)
+    if not isinstance(policy, (str, CachePolicy)):
+        raise GenerationError(f"policy must be a policy name or a CachePolicy, got {type(policy).__name__}")
+    if isinstance(policy, CachePolicy):
+        _check_policy_fits(policy, config)
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     _check_number("pad_id", pad_id, integer=True, low=0, high=config.vocab_size - 1)
     for t in stop_tokens or ():

@@ -13,9 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hetero_jax.attention import apply_rope, gather_rows, rope_inv_freq
+from convert.config import LlamaConfig
+from hetero_jax.attention import apply_rope, gather_rows, prefill_attention, rope_inv_freq
 from hetero_jax.cache.base import Cache, CachePolicy
-from hetero_jax.config import LlamaConfig
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -49,68 +49,57 @@ def _logits(params, x, cfg: LlamaConfig):
     return (x @ head).astype(jnp.float32)
 
 
-def prefill(
-    params,
-    tokens: jax.Array,
-    lengths: jax.Array,
-    *,
-    cfg: LlamaConfig,
-    policy: CachePolicy,
-    max_new_tokens: int,
-    all_logits: bool = False,
-    progress=None,
-):
-    """Run the right-padded prompt ``tokens`` (B, T) through the model and build the cache.
-
-    Returns ``(logits, cache)``: logits (B, V) at each row's last real token, or (B, T, V) with
-    ``all_logits``. ``progress``, if given, is called with the layer index as each layer finishes
-    (through ``jax.debug.callback``: a progress bar without leaving jit).
-    """
+def _prompt_layers(params, tokens, lengths, cfg: LlamaConfig, keep, all_logits=False, progress=None):
+    """The one prefill layer loop: causal attention over the right-padded prompt, the same for every
+    cache policy; ``keep(layer, q, k, v)`` says what each layer leaves behind (a policy's state, or
+    q, k, v themselves). ``progress``, if given, is called with the layer index as each layer
+    finishes (through ``jax.debug.callback``: a progress bar without leaving jit)."""
     b, t = tokens.shape
     inv_freq = rope_inv_freq(cfg)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = params["embed"][tokens]
-    states = []
+    kept = []
     for i, lp in enumerate(params["layers"]):
         q, k, v = _qkv(lp, x, positions, cfg, inv_freq)
-        out, state = policy.prefill_layer(i, q, k, v, lengths, max_new_tokens)
-        x = x + out.reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
+        x = x + prefill_attention(q, k, v).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
         x = _mlp_block(lp, x, cfg)
-        states.append(state)
+        kept.append(keep(i, q, k, v))
         if progress is not None:
             jax.debug.callback(functools.partial(progress, i), x[0, 0, 0], ordered=True)
     if not all_logits:
         x = gather_rows(x, (lengths - 1)[:, None])[:, 0]
-    cache = Cache(layers=tuple(states), lengths=lengths.astype(jnp.int32), step=jnp.zeros((), jnp.int32))
-    return _logits(params, x, cfg), cache
+    return _logits(params, x, cfg), tuple(kept)
 
 
-def prefill_qkv(params, tokens: jax.Array, lengths: jax.Array, *, cfg: LlamaConfig, chunk: int = 512):
-    """The policy-independent part of prefill: last-token logits (B, V) and every layer's
-    post-RoPE (q, k, v). Feed it to ``build_cache`` once per policy to compare policies on one
-    forward pass (all policies whose ``shares_prefill()`` is true)."""
-    from hetero_jax.attention import prefill_attention
+def prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: LlamaConfig, policy: CachePolicy,
+            max_new_tokens: int, all_logits: bool = False, progress=None):
+    """Run the right-padded prompt ``tokens`` (B, T) through the model and build the policy's cache.
 
-    b, t = tokens.shape
-    inv_freq = rope_inv_freq(cfg)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = params["embed"][tokens]
-    qkv = []
-    for lp in params["layers"]:
-        q, k, v = _qkv(lp, x, positions, cfg, inv_freq)
-        x = x + prefill_attention(q, k, v, chunk).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
-        x = _mlp_block(lp, x, cfg)
-        qkv.append((q, k, v))
-    x = gather_rows(x, (lengths - 1)[:, None])[:, 0]
-    return _logits(params, x, cfg), tuple(qkv)
+    Returns ``(logits, cache)``: logits (B, V) at each row's last real token, or (B, T, V) with
+    ``all_logits``.
+    """
+    def build(i, q, k, v):
+        return policy.build_layer(i, q, k, v, lengths, max_new_tokens)
+
+    logits, states = _prompt_layers(params, tokens, lengths, cfg, build, all_logits, progress)
+    return logits, _new_cache(states, lengths)
+
+
+def prefill_qkv(params, tokens: jax.Array, lengths: jax.Array, *, cfg: LlamaConfig, progress=None):
+    """The policy-independent prefill: last-token logits (B, V) and every layer's post-RoPE
+    (q, k, v). ``build_cache`` turns them into any policy's cache, so one forward pass can feed
+    many policies."""
+    return _prompt_layers(params, tokens, lengths, cfg, lambda i, q, k, v: (q, k, v), progress=progress)
 
 
 def build_cache(qkv, lengths: jax.Array, *, policy: CachePolicy, max_new_tokens: int) -> Cache:
     """A policy's cache from ``prefill_qkv``'s per-layer (q, k, v): equal to ``prefill``'s cache."""
-    if not policy.shares_prefill():
-        raise ValueError(f"cache policy {policy.name!r} has its own prefill attention; use prefill()")
-    states = tuple(policy.build_layer(i, q, k, v, lengths, max_new_tokens) for i, (q, k, v) in enumerate(qkv))
-    return Cache(layers=states, lengths=lengths.astype(jnp.int32), step=jnp.zeros((), jnp.int32))
+    states = [policy.build_layer(i, q, k, v, lengths, max_new_tokens) for i, (q, k, v) in enumerate(qkv)]
+    return _new_cache(states, lengths)
+
+
+def _new_cache(states, lengths) -> Cache:
+    return Cache(layers=tuple(states), lengths=lengths.astype(jnp.int32), step=jnp.zeros((), jnp.int32))
 
 
 def decode_step(params, cache: Cache, tokens: jax.Array, *, cfg: LlamaConfig, policy: CachePolicy):
@@ -125,11 +114,4 @@ def decode_step(params, cache: Cache, tokens: jax.Array, *, cfg: LlamaConfig, po
         x = x + out.reshape(x.shape[0], -1).astype(x.dtype) @ lp["wo"]
         x = _mlp_block(lp, x, cfg)
         states.append(state)
-    new_cache = Cache(
-        layers=tuple(states),
-        lengths=cache.lengths + 1,
-        step=cache.step + 1,
-        extra=cache.extra,
-        host=cache.host,
-    )
-    return _logits(params, x, cfg), new_cache
+    return _logits(params, x, cfg), Cache(tuple(states), cache.lengths + 1, cache.step + 1, cache.host)

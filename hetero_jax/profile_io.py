@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from hetero_jax.config import LlamaConfig
-from hetero_jax.interrupts import cleanup_pending
+from convert.config import LlamaConfig
+from convert.interrupts import cleanup_pending
 
 FORMAT = "hetero-jax-profile"
 VERSION = 1

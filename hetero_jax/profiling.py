@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
-import math
 import sys
 from pathlib import Path
 
@@ -26,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax import model
-from hetero_jax.attention import NEG_INF, last_rows, pool5, query_scores
-from hetero_jax.cache.base import round_up
+from convert.config import LlamaConfig
+from hetero_jax.attention import NEG_INF, group_queries, last_rows, pooled_scores
 from hetero_jax.cache.full import FullKV, FullLayer
-from hetero_jax.config import LlamaConfig
+from hetero_jax.decode_loop import run
 from hetero_jax.profile_io import Profile, model_fingerprint, save_profile, weights_digest
 
 REF_MAX_LENGTH, REF_TOPK = 5000, 1024  # the authors' defaults (tools/get_weights.py)
@@ -46,16 +43,14 @@ def default_lengths(cfg: LlamaConfig) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------- recording
-def topk_sets(probs: jax.Array, prompt_len: jax.Array, k: int) -> jax.Array:
-    """probs (B, H, S) over keys -> (B, H, k) int32 top positions among the first prompt_len keys.
-
-    Keys past the prompt are zeroed before pooling (as slicing then zero-padding does) and
-    excluded from the top-k after it.
-    """
-    pos = jnp.arange(probs.shape[-1])
-    inside = pos[None, None, :] < prompt_len[:, None, None]
-    pooled = pool5(jnp.where(inside, probs, 0.0))
-    return jax.lax.top_k(jnp.where(inside, pooled, NEG_INF), k)[1].astype(jnp.int32)
+def _top_sets(q, k, valid, prompt_len, topk: int):
+    """q (B, Hkv, G, 1, D) one query row per head, k (B, Hkv, S, D) -> (B, Hkv, topk) int32: the top
+    positions, among the first prompt_len keys, of the softmax over the ``valid`` keys (B, S), mean
+    over the group, pool5. Keys past the prompt are zeroed before pooling (as slicing then
+    zero-padding does) and excluded from the top-k after it."""
+    inside = jnp.arange(k.shape[2])[None, None, :] < prompt_len[:, None, None]
+    pooled = pooled_scores(q, k, valid[:, None, None, None, :], reduce="mean", keep=inside)
+    return jax.lax.top_k(jnp.where(inside, pooled, NEG_INF), topk)[1].astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -73,66 +68,35 @@ class ProfileRecorder(FullKV):
 
     def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         full = super().build_layer(layer, q, k, v, lengths, max_new_tokens)
-        probs = query_scores(last_rows(q, lengths, 1), k, lengths)[:, :, :, 0]  # (B, Hkv, G, T)
-        return RecLayer(full, topk_sets(probs.mean(2), lengths, self.topk))
+        kt = k.transpose(0, 2, 1, 3)
+        valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+        return RecLayer(full, _top_sets(group_queries(last_rows(q, lengths, 1), kt.shape[1]), kt, valid, lengths,
+                                        self.topk))
 
     def decode_layer(self, layer, state: RecLayer, q, k, v, cache):
         out, full = super().decode_layer(layer, state.full, q, k, v, cache)
         b, hkv, s, d = full.k.shape
-        qg = q.reshape(b, hkv, -1, d).astype(jnp.float32)
-        scores = jnp.einsum("bhgd,bhsd->bhgs", qg, full.k.astype(jnp.float32)) / math.sqrt(d)
         valid = jnp.arange(s)[None, :] <= cache.lengths[:, None]  # the new token included
-        probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], scores, NEG_INF), axis=-1)
-        return out, RecLayer(full, topk_sets(probs.mean(2), cache.lengths - cache.step, self.topk))
+        sets = _top_sets(q.reshape(b, hkv, -1, 1, d), full.k, valid, cache.lengths - cache.step, self.topk)
+        return out, RecLayer(full, sets)
+
+
+def _sets(logits, cache):
+    return tuple(layer.sets for layer in cache.layers)
 
 
 def record_sets(params, cfg: LlamaConfig, tokens, *, topk: int, max_new_tokens: int, progress: bool = True):
     """Prefill ``tokens`` (one sequence) and decode greedily; return (prefill_sets, decode_sets,
     generated ids) with sets as numpy (layers, B, Hkv, topk) and (steps, layers, B, Hkv, topk)."""
-    tokens = np.asarray(tokens, np.int32).reshape(1, -1)
-    n = tokens.shape[1]
-    if n < topk:
-        raise ValueError(f"calibration prompt has {n} tokens, fewer than topk={topk}; use a longer text or smaller topk")
-    if n + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt {n} + {max_new_tokens} new tokens exceeds the context {cfg.max_position_embeddings}")
-    t = round_up(n, 128)
-    padded = np.zeros((1, t), np.int32)
-    padded[:, :n] = tokens
-    rec = ProfileRecorder(topk=topk)
-    bar = _bar(cfg.num_layers + max_new_tokens - 1, progress)
-    tick = functools.partial(_tick, bar) if bar is not None else None
-    prefill = jax.jit(functools.partial(model.prefill, cfg=cfg, policy=rec, max_new_tokens=max_new_tokens,
-                                        progress=tick))
-    step = jax.jit(functools.partial(model.decode_step, cfg=cfg, policy=rec), donate_argnums=(1,))
-    logits, cache = prefill(params, jnp.asarray(padded), jnp.asarray([n], jnp.int32))
-    pre = [layer.sets for layer in cache.layers]
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    generated, steps = [tok], []
-    for _ in range(max_new_tokens - 1):  # the authors' run records max_new_tokens - 1 decode forwards
-        logits, cache = step(params, cache, tok)
-        steps.append([layer.sets for layer in cache.layers])
-        tok = jnp.argmax(logits, -1).astype(jnp.int32)
-        generated.append(tok)
-        if bar is not None:
-            bar.update(1)
-    pre_np = np.stack([np.asarray(x) for x in pre])
-    dec_np = np.stack([np.stack([np.asarray(x) for x in s]) for s in steps]) if steps else np.zeros((0,) + pre_np.shape, np.int32)
-    if bar is not None:
-        bar.close()
-    return pre_np, dec_np, [int(np.asarray(g)[0]) for g in generated]
-
-
-def _bar(total, progress):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="profile (prefill layers, then decode steps)", unit="it", leave=False)
-
-
-def _tick(bar, layer, _x):
-    bar.n = int(layer) + 1
-    bar.refresh()
+    tokens = np.asarray(tokens, np.int32).reshape(-1)
+    if len(tokens) < topk:
+        raise ValueError(f"calibration prompt has {len(tokens)} tokens, fewer than topk={topk}; use a longer text "
+                         "or smaller topk")
+    # the authors' run records max_new_tokens - 1 decode forwards
+    r = run(params, [tokens.tolist()], config=cfg, policy=ProfileRecorder(topk=topk), steps=max_new_tokens - 1,
+            record=_sets, progress=progress)
+    sets = np.stack(r.records, 1)  # (1 + steps, layers, B, Hkv, topk)
+    return sets[0], sets[1:], r.tokens[0, :max_new_tokens].tolist()
 
 
 # ---------------------------------------------------------------------------------- classification
@@ -279,7 +243,7 @@ def main(argv=None) -> int:
     if Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder; give the profile's file name (e.g. "
                          f"{Path(a.out) / 'profile.json'})")
-    import convert  # the model loader; imported late so profiling math has no loader dependency
+    import convert  # loading checkpoints is the command's business, not the profiling math's
 
     m = convert.load_model(a.model)
     if m.tokenizer is None:

@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
-from hetero_jax.config import LlamaConfig  # noqa: E402
-from hetero_jax.params import init_random_params  # noqa: E402
+from convert.config import LlamaConfig  # noqa: E402
+from convert.params import init_random_params  # noqa: E402
 
 SEED_ENV = "HETERO_JAX_TEST_SEED"
 

@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from convert.config import LlamaConfig
+from convert.params import init_random_params
 from hetero_jax import model
 from hetero_jax.cache import make_policy
 from hetero_jax.cache.base import Cache
-from hetero_jax.config import LlamaConfig
-from hetero_jax.generate import generate, pad_prompts
-from hetero_jax.params import init_random_params
+from hetero_jax.decode_loop import pad_prompts
+from hetero_jax.generate import generate
 
 CFG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
                   num_kv_heads=2, head_dim=32)
@@ -201,7 +202,7 @@ def test_h2o_selection(recent_ratio, chunk):
 def test_retrieval_prefill_selection(name):
     q, k, v, lengths = random_qk(5)
     pol = make_policy(name, CFG, ratio=0.4)
-    _, state = jax.jit(pol.prefill_layer, static_argnums=(0, 5))(0, q, k, v, lengths, 4)
+    state = jax.jit(pol.build_layer, static_argnums=(0, 5))(0, q, k, v, lengths, 4)
     for b, L in enumerate(lengths):
         scores, forced, count = retrieval_ref(q[b, L - 1], k[b], L, 0.4, 5, L - 1)
         for h in range(CFG.num_kv_heads):
@@ -214,7 +215,7 @@ def test_retrieval_prefill_selection(name):
 def test_stored_rows_are_the_selected_tokens(name):
     q, k, v, lengths = random_qk(6)
     pol = make_policy(name, CFG, ratio=0.5, **({"window": 8} if "kv" in name else {}))
-    _, state = jax.jit(pol.prefill_layer, static_argnums=(0, 5))(1, q, k, v, lengths, 4)
+    state = jax.jit(pol.build_layer, static_argnums=(0, 5))(1, q, k, v, lengths, 4)
     sel = pol.select(q, k, lengths) if name == "h2o" else pol.select(1, q, k, lengths)
     for b in range(2):
         for h in range(CFG.num_kv_heads):
@@ -234,7 +235,7 @@ def attend(q, ks, vs):
 def test_h2o_decode_evicts_like_reference():
     q, k, v, lengths = random_qk(7, t=32, lengths=(32, 21))
     pol = make_policy("h2o", CFG, ratio=0.5, recent_ratio=0.25, prefill_chunk=16)
-    _, state = jax.jit(pol.prefill_layer, static_argnums=(0, 5))(0, q, k, v, lengths, 6)
+    state = jax.jit(pol.build_layer, static_argnums=(0, 5))(0, q, k, v, lengths, 6)
     step = jax.jit(pol.decode_layer, static_argnums=0)
     rng = np.random.default_rng(70)
     hkv, g = CFG.num_kv_heads, CFG.num_heads // CFG.num_kv_heads
@@ -278,7 +279,7 @@ def test_h2o_decode_evicts_like_reference():
 def test_retrieval_decode_uses_previous_selection(interval, fetch):
     q, k, v, lengths = random_qk(8, t=32, lengths=(32, 21))
     pol = make_policy("retrieval", CFG, ratio=0.5, interval=interval, fetch=fetch)
-    _, state = jax.jit(pol.prefill_layer, static_argnums=(0, 5))(0, q, k, v, lengths, 7)
+    state = jax.jit(pol.build_layer, static_argnums=(0, 5))(0, q, k, v, lengths, 7)
     cache = pol.after_prefill(Cache(layers=(state,), lengths=jnp.asarray(lengths), step=jnp.zeros((), jnp.int32)))
     assert cache.layers[0].v_prompt is None and pol.stats(cache)["host_bytes"] == v.nbytes
     step = jax.jit(pol.decode_layer, static_argnums=0)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from bench import decode
+from convert.config import LlamaConfig
+from convert.params import init_random_params
 from hetero_jax.cache import make_policy
-from hetero_jax.config import LlamaConfig
-from hetero_jax.params import init_random_params
 from hetero_jax.profile_io import model_fingerprint, shipped_profile
 
 

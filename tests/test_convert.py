@@ -23,10 +23,10 @@ from safetensors.numpy import load_file, save_file
 
 import convert
 from convert import ConvertError
+from convert.config import RopeScaling
+from convert.params import init_random_params
 from hetero_jax import model
 from hetero_jax.cache.full import FullKV
-from hetero_jax.config import RopeScaling
-from hetero_jax.params import init_random_params
 
 V, H, INTER, HEADS, KV_HEADS, LAYERS = 320, 64, 96, 4, 2, 3
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -483,7 +483,7 @@ def test_default_model_converts_once_under_concurrent_first_use(tmp_path, monkey
     write_gguf(tiny, seed)
     monkeypatch.setenv("HETERO_JAX_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(default_model, "GGUF_SHA256", convert.common.sha256_file(tiny))
-    monkeypatch.setattr(default_model, "_fetch_gguf", lambda progress: tiny)  # no network in this test
+    monkeypatch.setattr(default_model, "fetch_gguf", lambda progress: tiny)  # no network in this test
     calls, real_convert = [], convert.checkpoint.convert
 
     def counting_convert(*a, **k):

@@ -22,7 +22,7 @@ from hetero_jax import model
 from hetero_jax.cache.base import is_host_array
 from hetero_jax.cache.full import FullKV
 from hetero_jax.cache.hetero import HeteroCache
-from hetero_jax.params import init_random_params
+from convert.params import init_random_params
 from pallas_kernels.gpu_export import TRITON_CALL, export_for_gpu, main_signature, triton_kernels
 from tests.test_hetero import make_cfg, prompts, random_profile
 
@@ -47,27 +47,26 @@ def decode_call(cfg, policy):
 
 
 def hetero_programs(policy, cache, layers):
-    """The host-dispatched refresh programs of ``layers`` (hetero_drift.run_program) with real
-    arguments: {"refresh": ...} for lag 1, {"select", "fetch", "apply"} for lag 2; each value is
-    (callable, args, donated argument indices)."""
-    from hetero_jax.cache import hetero_drift
+    """The host-dispatched refresh programs of ``layers`` (hetero_refresh's named programs) with
+    real arguments: {"refresh": ...} for lag 1, {"select", "fetch", "apply"} for lag 2; each value
+    is (callable, args, donated argument indices)."""
+    from hetero_jax.cache import hetero_refresh as hr
 
     states = tuple(cache.layers[l] for l in layers)
     kvs = tuple(cache.host.kv[l] for l in layers)
     kinds = tuple(kv[0].sharding.memory_kind for kv in kvs)
-    meta = tuple((l, s.T, s.max_new) for l, s in zip(layers, states))
-    dev = states[0].k.sharding
+    env = (policy, tuple((l, s.T, s.max_new) for l, s in zip(layers, states)), kinds, states[0].k.sharding)
 
-    def prog(name):
-        return lambda *a: hetero_drift.run_program(policy, name, meta, kinds, dev, a)
+    def prog(fn):
+        return functools.partial(fn, env)
 
     if policy.lag == 1:
-        return {"refresh": (prog("refresh"), (states, kvs), (0,))}
-    src = (tuple((s.req, s.flag, s.keep) for s in states),)
-    sel = jax.jit(prog("select"))(*src)
-    rows = jax.jit(prog("fetch"))(sel, kvs)
-    return {"select": (prog("select"), src, ()), "fetch": (prog("fetch"), (sel, kvs), ()),
-            "apply": (prog("apply"), (states, tuple(zip(sel, rows))), (0,))}
+        return {"refresh": (prog(hr._refresh), (states, kvs), (0,))}
+    src = (tuple(hr._source(s) for s in states),)
+    sel = jax.jit(prog(hr._select))(*src)
+    rows = jax.jit(prog(hr._fetch))(sel, kvs)
+    return {"select": (prog(hr._select), src, ()), "fetch": (prog(hr._fetch), (sel, kvs), ()),
+            "apply": (prog(hr._apply), (states, tuple(zip(sel, rows))), (0,))}
 
 
 # -------------------------------------------------------------------- helpers
@@ -121,8 +120,9 @@ def forced_refresh(rng, cache, layers):
     out = list(cache.layers)
     for l in layers:
         st = out[l]
-        req = rng.standard_normal(st.req.shape).astype(np.float32)
-        out[l] = dataclasses.replace(st, req=jnp.asarray(req), flag=jnp.ones(st.flag.shape, bool))
+        req = rng.standard_normal(st.drift.req.shape).astype(np.float32)
+        drift = dataclasses.replace(st.drift, req=jnp.asarray(req), flag=jnp.ones(st.drift.flag.shape, bool))
+        out[l] = dataclasses.replace(st, drift=drift)
     return dataclasses.replace(cache, layers=tuple(out))
 
 

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from convert.params import init_random_params
 from hetero_jax import model
 from hetero_jax.cache.hetero import HeteroCache
 from hetero_jax.cache.hetero_drift import rate_update, ref_overlap, topk_mask
-from hetero_jax.params import init_random_params
 from tests.test_hetero import make_cfg, np_group_scores, prompts, random_profile
 
 
@@ -120,6 +120,11 @@ def drive(params, cfg, policy, tokens, lengths, n_steps, feed=None):
     return outs, pre, post, cache
 
 
+def field(layer, name):
+    """A layer's pool array (k, v) or drift-state array by name."""
+    return getattr(layer, name) if name in ("k", "v") else getattr(layer.drift, name)
+
+
 def checks_at(policy, layer, n_steps):
     ph = layer % policy.steps if policy.stagger else 0
     return [s for s in range(n_steps) if s + 1 - ph > 0 and (s + 1 - ph) % policy.steps == 0]
@@ -129,39 +134,40 @@ def checks_at(policy, layer, n_steps):
 def test_drift_check_matches_numpy_every_impl(seed, impl, stagger):
     rng, cfg, prof, params, lengths, toks = setup(seed, layers=3)
     thr = float(rng.uniform(0.3, 0.9))
-    pol = HeteroCache.create(cfg, ratio=0.5, profile=prof, threshold=thr, steps=3, check_impl=impl, stagger=stagger)
+    pol = HeteroCache.create(cfg, ratio=0.5, profile=prof, threshold=thr, steps=3, check_impl=impl, stagger=stagger,
+                             trigger="batch")  # the numpy reference below is the batch-mean rule
     n = 9
     _, pre, post, _ = drive(params, cfg, pol, toks, lengths, n)
     pivots = [0, 2, 1]
     for l, pivot in enumerate(pivots):
         p = pol.plan(l, 256, n + 1)
         at = checks_at(pol, l, n)
-        assert int(post[-1].layers[l].checks[0]) == len(at) >= 2
+        assert int(post[-1].layers[l].drift.checks[0]) == len(at) >= 2
         for s in at:
             before, after = pre[s].layers[l], post[s].layers[l]
             ovs, lasts = [], []
             for bi, length in enumerate(lengths):
                 kb = prof.base_budget(0.5, length)
                 keys = after.k[bi, p.starts[pivot]:p.starts[pivot] + 256]
-                ref = set(before.ref[bi, 0, :kb].tolist())
-                sc = [np_group_scores(after.qbuf[bi, w, 0], keys, length) for w in range(3)]
+                ref = set(before.drift.ref[bi, 0, :kb].tolist())
+                sc = [np_group_scores(after.drift.qbuf[bi, w, 0], keys, length) for w in range(3)]
                 ovs.append([len(ref & np_topk_set(x, kb)) / kb for x in sc])
                 lasts.append((sc[s % 3], kb))  # the newest query sits in slot step % steps
-                np.testing.assert_allclose(after.req[bi, 0, :length], sc[s % 3], rtol=2e-4, atol=1e-7)
+                np.testing.assert_allclose(after.drift.req[bi, 0, :length], sc[s % 3], rtol=2e-4, atol=1e-7)
             med = float(np.median(np.mean(ovs, 0)))
-            got = float(after.overlap[0, 0])
+            got = float(after.drift.overlap[0, 0])
             assert abs(got - med) <= 1.01 / min(prof.base_budget(0.5, x) for x in lengths), (l, s, got, med)
-            assert bool(after.flag[0, 0]) == (got < thr)
+            assert bool(after.drift.flag[0, 0]) == (got < thr)
             for bi, (sc, kb) in enumerate(lasts):
-                if after.flag[0, 0]:
-                    got_ref = after.ref[bi, 0, :kb].tolist()
+                if after.drift.flag[0, 0]:
+                    got_ref = after.drift.ref[bi, 0, :kb].tolist()
                     assert len(set(got_ref) ^ np_topk_set(sc, kb)) <= 4  # float32 ranks at the boundary
-                    assert (after.ref[bi, 0, kb:] < 0).all()
+                    assert (after.drift.ref[bi, 0, kb:] < 0).all()
                 else:
-                    np.testing.assert_array_equal(after.ref[bi], before.ref[bi])
+                    np.testing.assert_array_equal(after.drift.ref[bi], before.drift.ref[bi])
         for s in set(range(n)) - set(at):  # no check: nothing of the check's state moves
             for f in ("ref", "flag", "checks", "overlap"):
-                np.testing.assert_array_equal(getattr(post[s].layers[l], f), getattr(pre[s].layers[l], f))
+                np.testing.assert_array_equal(getattr(post[s].layers[l].drift, f), getattr(pre[s].layers[l].drift, f))
 
 
 def test_check_impls_give_identical_decisions(seed):
@@ -172,7 +178,7 @@ def test_check_impls_give_identical_decisions(seed):
                   lengths, 9)[2]
     # a threshold between two observed overlaps (some checks fire, some not), far from both: the original
     # computes (|A ∩ B| / Kmax) * (Kmax / K), select and spread |A ∩ B| / K, equal up to an ulp
-    seen = np.unique(np.round([float(c.layers[l].overlap[0, 0]) for c in probe[1::2] for l in range(3)], 5))
+    seen = np.unique(np.round([float(c.layers[l].drift.overlap[0, 0]) for c in probe[1::2] for l in range(3)], 5))
     i = len(seen) // 2
     thr = float((seen[i - 1] + seen[i]) / 2) if len(seen) > 1 else float(seen[0]) + 1e-3
     runs = {}
@@ -186,19 +192,21 @@ def test_check_impls_give_identical_decisions(seed):
         for x, y in zip(runs[impl][2], runs["topk"][2]):
             for la, lb in zip(x.layers, y.layers):
                 for f in ("flag", "refreshes", "k", "v"):
-                    np.testing.assert_array_equal(getattr(la, f), getattr(lb, f), err_msg=f"{impl} {f}")
-                np.testing.assert_allclose(la.overlap, lb.overlap, rtol=1e-6, err_msg=f"{impl} overlap")
+                    np.testing.assert_array_equal(field(la, f), field(lb, f), err_msg=f"{impl} {f}")
+                np.testing.assert_allclose(la.drift.overlap, lb.drift.overlap, rtol=1e-6, err_msg=f"{impl} overlap")
                 # the reference set (position order here, score order in topk; the same sentinels)
-                np.testing.assert_array_equal(np.sort(la.ref, -1), np.sort(lb.ref, -1), err_msg=f"{impl} ref")
-        fired += sum(int(s.refreshes.sum()) for s in runs[impl][3].layers)
-    checks = sum(int(s.checks.sum()) for s in runs["topk"][3].layers)
+                np.testing.assert_array_equal(np.sort(la.drift.ref, -1), np.sort(lb.drift.ref, -1),
+                                              err_msg=f"{impl} ref")
+        fired += sum(int(s.drift.refreshes.sum()) for s in runs[impl][3].layers)
+    checks = sum(int(s.drift.checks.sum()) for s in runs["topk"][3].layers)
     assert checks == 3 * 4 and 0 < fired  # the comparison covered refreshes
 
 
 def test_lag2_writes_the_same_rows_one_step_later(seed):
     rng, cfg, prof, params, lengths, toks = setup(seed)
     feed = rng.integers(1, 256, (8, 2))  # teacher-forced: both runs see the same inputs
-    res = {lag: drive(params, cfg, HeteroCache.create(cfg, ratio=0.5, profile=prof, threshold=1.0, steps=3, lag=lag),
+    res = {lag: drive(params, cfg, HeteroCache.create(cfg, ratio=0.5, profile=prof, threshold=1.0, steps=3, lag=lag,
+                                                      refresh_select="topk"),  # the reference rows below
                       toks, lengths, 8, feed) for lag in (1, 2)}
     (o1, pre1, post1, c1), (o2, pre2, post2, c2) = res[1], res[2]
     for s in range(3):  # identical until the first refresh is used (step 3 with lag 1)
@@ -208,23 +216,24 @@ def test_lag2_writes_the_same_rows_one_step_later(seed):
     for l in range(2):
         p = HeteroCache.create(cfg, ratio=0.5, profile=prof).plan(l, 256, 9)
         chk = post1[2].layers[l]  # state after the check at step 2 (the same in both runs)
-        assert chk.flag.any()
-        np.testing.assert_array_equal(chk.req, post2[2].layers[l].req)
+        assert chk.drift.flag.any()
+        np.testing.assert_array_equal(chk.drift.req, post2[2].layers[l].drift.req)
         for bi in range(2):
-            order = np.argsort(-chk.req[bi, 0].astype(np.float64), kind="stable")
+            order = np.argsort(-chk.drift.req[bi, 0].astype(np.float64), kind="stable")
             for slot, j in enumerate(p.sats):
                 kj = int(chk.keep[bi, j])
                 seg = slice(p.starts[j], p.starts[j] + kj)
                 old = pre1[2].layers[l].k[bi, seg]
-                want_k = host[l][0][bi, slot, np.sort(order[:kj])] if chk.flag[bi, 0] else old
-                want_v = host[l][1][bi, slot, np.sort(order[:kj])] if chk.flag[bi, 0] else pre1[2].layers[l].v[bi, seg]
+                want_k = host[l][0][bi, slot, np.sort(order[:kj])] if chk.drift.flag[bi, 0] else old
+                want_v = (host[l][1][bi, slot, np.sort(order[:kj])] if chk.drift.flag[bi, 0]
+                          else pre1[2].layers[l].v[bi, seg])
                 np.testing.assert_array_equal(pre1[3].layers[l].k[bi, seg], want_k)  # lag 1: before step 3
                 np.testing.assert_array_equal(pre2[3].layers[l].k[bi, seg], old)  # lag 2: not yet
                 np.testing.assert_array_equal(pre2[4].layers[l].k[bi, seg], want_k)  # lag 2: before step 4
                 np.testing.assert_array_equal(pre2[4].layers[l].v[bi, seg], want_v)
         for f in ("rows_moved", "refreshes", "checks"):
-            np.testing.assert_array_equal(getattr(pre2[4].layers[l], f), getattr(pre1[3].layers[l], f))
-        assert int(pre2[4].layers[l].rows_moved[0]) == 2 * sum(p.caps[j] for j in p.sats)
+            np.testing.assert_array_equal(getattr(pre2[4].layers[l].drift, f), getattr(pre1[3].layers[l].drift, f))
+        assert int(pre2[4].layers[l].drift.rows_moved[0]) == 2 * sum(p.caps[j] for j in p.sats)
 
 
 def test_stagger_refreshes_each_layer_after_its_own_check(seed):
@@ -237,8 +246,8 @@ def test_stagger_refreshes_each_layer_after_its_own_check(seed):
             p = pol.plan(l, 256, n + 1)
             at = checks_at(pol, l, n)
             assert at == [s for s in range(2 + l, n, 3)]
-            moved = [int(x.layers[l].rows_moved[0]) for x in pre]
-            fired = [s for s in at if post[s].layers[l].flag.any()]
+            moved = [int(x.layers[l].drift.rows_moved[0]) for x in pre]
+            fired = [s for s in at if post[s].layers[l].drift.flag.any()]
             assert fired and moved[-1] == len([s for s in fired if s + lag < n]) * 2 * sum(p.caps[j] for j in p.sats)
             for s in range(1, n):  # rows move exactly lag steps after a triggering check of this layer
                 assert (moved[s] > moved[s - 1]) == (s - lag in fired), (l, lag, s)
@@ -246,7 +255,7 @@ def test_stagger_refreshes_each_layer_after_its_own_check(seed):
         assert stats["checks"] == sum(len(checks_at(pol, l, n)) for l in range(3))
         # the per-step masks bench.decode times steps by: checks by schedule, refreshes after a fired check
         all_at = {s for l in range(3) for s in checks_at(pol, l, n)}
-        all_fired = {s for l in range(3) for s in checks_at(pol, l, n) if post[s].layers[l].flag.any()}
+        all_fired = {s for l in range(3) for s in checks_at(pol, l, n) if post[s].layers[l].drift.flag.any()}
         assert [i for i in range(n) if stats["check_step_mask"][i]] == sorted(all_at)
         assert [i for i in range(n) if stats["refresh_step_mask"][i]] == sorted(s + 1 for s in all_fired if s + 1 < n)
         assert (stats["lag_steps"], stats["stagger"]) == (lag, True)
@@ -262,9 +271,9 @@ def test_rate_mode_follows_its_controller(seed):
     for s in range(1, n, 2):  # checks at odd steps; the controller runs in the refresh before step s + 1
         for l in range(3):
             st = post[s].layers[l]
-            assert float(st.thr) == pytest.approx(thr, abs=1e-6)
-            assert bool(st.flag[0, 0]) == (st.overlap[0, 0] < st.thr)
-        fired = np.mean([post[s].layers[l].flag.any() for l in range(3)])
+            assert float(st.drift.thr) == pytest.approx(thr, abs=1e-6)
+            assert bool(st.drift.flag[0, 0]) == (st.drift.overlap[0, 0] < st.drift.thr)
+        fired = np.mean([post[s].layers[l].drift.flag.any() for l in range(3)])
         thr = float(np.clip(thr + 0.2 * (0.3 - fired), 0, 1))
     assert pol.stats(last)["thresholds"] == pytest.approx([thr] * 3, abs=1e-6)
     again = drive(params, cfg, HeteroCache.create(cfg, **kw), toks, lengths, n)[0]
@@ -282,6 +291,7 @@ def test_option_errors_and_defaults(seed):
     assert (pol.lag, pol.stagger, pol.check_impl) == (2, True, "select")
     default = HeteroCache.create(cfg, ratio=0.5, profile=prof)
     assert (default.lag, default.stagger, default.threshold_mode) == (1, False, "fixed")
+    assert (default.trigger, default.refresh_select) == ("sequence", "authors")  # batch-invariant, the authors' rows
 
 
 def test_select_window_keeps_the_window_and_snapkv_votes(seed):
@@ -294,7 +304,7 @@ def test_select_window_keeps_the_window_and_snapkv_votes(seed):
     q, k, v = (np.asarray(x, np.float64) for x in model.prefill_qkv(params, jnp.asarray(toks), jnp.asarray(lengths, jnp.int32), cfg=cfg)[1][0])
     kv_w = pol.build_layer(0, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(lengths), 4)
     kv_1 = base.build_layer(0, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(lengths), 4)
-    np.testing.assert_array_equal(kv_w.ref, kv_1.ref)
+    np.testing.assert_array_equal(kv_w.drift.ref, kv_1.drift.ref)
     p = pol.plan(0, k.shape[1], 4)
     hkv, g, d = k.shape[2], q.shape[2] // k.shape[2], k.shape[3]
     comp = [h for h in range(hkv) if not p.full[h] and p.caps[h]]

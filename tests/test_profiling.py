@@ -14,8 +14,8 @@ import pytest
 
 from hetero_jax.cache.base import Cache
 from hetero_jax.cache.hetero import HeteroCache
-from hetero_jax.config import LlamaConfig
-from hetero_jax.params import init_random_params
+from convert.config import LlamaConfig
+from convert.params import init_random_params
 from hetero_jax.profile_io import (
     FORMAT, PROFILES_DIR, ProfileError, load_profile, save_profile, shipped_profile,
 )
@@ -146,7 +146,7 @@ def test_recorder_sets_match_numpy(seed):
     k = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
     v = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
     lengths = np.array([t, int(rng.integers(topk, t))], np.int32)
-    _, st = jax.jit(lambda *a: rec.prefill_layer(0, *a, steps))(q, k, v, lengths)
+    st = jax.jit(lambda *a: rec.build_layer(0, *a, steps))(q, k, v, lengths)
     for bi, n in enumerate(lengths):
         for h in range(hkv):
             check_set(np.asarray(st.sets)[bi, h], np_mean_scores(q[bi, n - 1, h * g:(h + 1) * g], k[bi, :, h], n, n), topk)

@@ -29,9 +29,9 @@ from convert.checkpoint import CHECKSUMS, check_finite
 from convert.common import lock_path
 from hetero_jax import cli
 from hetero_jax.cache import make_policy
-from hetero_jax.config import ConfigError, LlamaConfig
+from convert.config import ConfigError, LlamaConfig
 from hetero_jax.generate import GenerationError, generate
-from hetero_jax.params import init_random_params
+from convert.params import init_random_params
 from hetero_jax.profile_io import Profile, ProfileError
 from tests.test_convert import assert_trees_bit_equal, ours_as_hf, write_gguf
 
@@ -295,7 +295,7 @@ def test_damaged_default_model_says_fetch_default_and_fetch_default_rebuilds(tmp
     from convert import default_model
 
     monkeypatch.setattr(default_model, "GGUF_SHA256", convert.common.sha256_file(tiny["gguf"]))
-    monkeypatch.setattr(default_model, "_fetch_gguf", lambda progress: tiny["gguf"])  # no network here
+    monkeypatch.setattr(default_model, "fetch_gguf", lambda progress: tiny["gguf"])  # no network here
     folder = convert.ensure_default_model(progress=False)
     data_file = max((folder / "params").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else -1)
     data_file.write_bytes(data_file.read_bytes()[:-7])
@@ -312,7 +312,7 @@ def test_waiting_for_the_default_model_lock_says_so(tmp_path, tiny, monkeypatch,
     from convert import default_model
 
     monkeypatch.setattr(default_model, "GGUF_SHA256", convert.common.sha256_file(tiny["gguf"]))
-    monkeypatch.setattr(default_model, "_fetch_gguf", lambda progress: tiny["gguf"])
+    monkeypatch.setattr(default_model, "fetch_gguf", lambda progress: tiny["gguf"])
     monkeypatch.setattr(default_model, "LOCK_QUIET_S", 0.2)
     lock = private_home / ".default-model.lock"
     private_home.mkdir(parents=True, exist_ok=True)

@@ -10,30 +10,11 @@ compared position comes from a decode step, where a compressing policy attends t
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax import model
-from hetero_jax.generate import compiled, pad_prompts
-
-
-@functools.lru_cache(maxsize=16)
-def _prefill(cfg, policy, n: int):
-    return jax.jit(functools.partial(model.prefill, cfg=cfg, policy=policy, max_new_tokens=n))
-
-
-@functools.lru_cache(maxsize=16)
-def _step(cfg, policy):
-    def step(params, cache, tok):
-        logits, cache = model.decode_step(params, cache, tok, cfg=cfg, policy=policy)
-        return jax.nn.log_softmax(logits[0].astype(jnp.float32)), cache
-
-    return jax.jit(step, donate_argnums=(1,))
+from hetero_jax.decode_loop import RunOptions, run
 
 
 def split(length: int, positions: int) -> int:
@@ -44,37 +25,16 @@ def split(length: int, positions: int) -> int:
     return prefix
 
 
+def _log_probs(logits, cache):
+    return jax.nn.log_softmax(logits[0].astype(jnp.float32))
+
+
 def teacher_forced(params, cfg, policy, tokens, positions: int, pad_id: int = 0):
     """Log-probs (positions, V) float32 of ``policy`` on ``tokens`` (a window), targets, stats, timing."""
     tokens = np.asarray(tokens, np.int32)
     prefix = split(len(tokens), positions)
-    padded, lengths = pad_prompts([tokens[:prefix].tolist()], pad_id)
-    timing = {}
-    args = (params, jnp.asarray(padded), jnp.asarray(lengths))
-    t0 = time.perf_counter()
-    prefill = compiled(_prefill(cfg, policy, positions), *args)  # compile timed apart from the run
-    timing["prefill_compile_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _, kv = prefill(*args)
-    kv = policy.after_prefill(kv)
-    jax.block_until_ready(kv)
-    timing["prefill_s"] = time.perf_counter() - t0
-    host, kv_dev = kv.host, dataclasses.replace(kv, host=None)
-    feed = jnp.asarray(tokens[prefix : prefix + positions]).reshape(positions, 1)
-    t0 = time.perf_counter()
-    step = compiled(_step(cfg, policy), params, kv_dev, feed[0])
-    timing["decode_compile_s"] = time.perf_counter() - t0
-    out = []
-    t0 = time.perf_counter()
-    for j in range(positions):
-        kv = policy.before_step(dataclasses.replace(kv_dev, host=host))
-        host, kv_dev = kv.host, dataclasses.replace(kv, host=None)
-        logp, kv_dev = step(params, kv_dev, feed[j])
-        out.append(logp)
-    logp = np.asarray(jnp.stack(out))
-    timing["decode_s"] = time.perf_counter() - t0
-    timing["steps"] = positions
-    timing["decode_ms_per_token"] = 1000 * timing["decode_s"] / positions
-    kv = dataclasses.replace(kv_dev, host=host)
-    targets = tokens[prefix + 1 : prefix + positions + 1]
-    return logp, targets, policy.stats(kv), timing
+    r = run(params, [tokens[:prefix].tolist()], config=cfg, policy=policy, steps=positions,
+            feed=tokens[prefix: prefix + positions, None], record=_log_probs, pad_id=pad_id,
+            options=RunOptions(reserve_new_tokens=positions))
+    targets = tokens[prefix + 1: prefix + positions + 1]
+    return r.records[1:], targets, policy.stats(r.cache), r.timing  # records[0]: the prefill's

@@ -190,7 +190,7 @@ class Runner:
         return tuple(sorted(stop))
 
     def _run_generation(self, task: str, length: int, pending: list[tuple[str, int]]) -> None:
-        from hetero_jax.generate import prefill_once
+        from hetero_jax.decode_loop import prefill_once
 
         samples = self._samples(task, length)
         tok, lm = self.loaded.tokenizer, self.loaded
@@ -202,21 +202,20 @@ class Runner:
             ids = synthetic.encode(tok, s["prompt"])
             if len(ids) + s["max_new_tokens"] > length:
                 raise RunError(f"{task} sample {i}: {len(ids)} prompt tokens + {s['max_new_tokens']} exceed {length}")
-            # one forward pass per sample feeds every policy that shares prefill attention (all built-in ones)
-            shared = None
-            if sum(self.policy(p).shares_prefill() for p in policies) > 1:
-                shared = prefill_once(lm.params, [ids], config=lm.cfg, pad_multiple=1024)
+            # one forward pass per sample feeds every policy (prefill attention is the same for all)
+            shared = prefill_once(lm.params, [ids], config=lm.cfg, pad_multiple=1024) if len(policies) > 1 else None
             for policy in policies:
                 self._generate_one(task, length, i, s, ids, policy, shared)
 
     def _generate_one(self, task, length, i, s, ids, policy, shared) -> None:
+        from hetero_jax.decode_loop import RunOptions
         from hetero_jax.generate import generate
 
         tok, lm = self.loaded.tokenizer, self.loaded
         # one compiled prefill/step per (policy, length, 1K bucket): all tasks reserve 128 new slots
+        options = RunOptions(pad_multiple=1024, reserve_new_tokens=max(128, s["max_new_tokens"]), prefilled=shared)
         res = generate(lm.params, [ids], self.policy(policy), config=lm.cfg, max_new_tokens=s["max_new_tokens"],
-                       stop_tokens=self._stop_tokens(), seed=self.rc.seed, progress=False, pad_multiple=1024,
-                       reserve_new_tokens=max(128, s["max_new_tokens"]), prefilled=shared)
+                       stop_tokens=self._stop_tokens(), seed=self.rc.seed, progress=False, options=options)
         text = tok.decode(res.tokens[0], skip_special_tokens=True)
         pred = scoring.postprocess_pred(text)
         if task == "needle":

@@ -1,28 +1,30 @@
 """The cache-policy interface: how a KV-cache method plugs into the model without it knowing.
 
-The model computes q, k, v (post-RoPE) for every layer and hands them to the policy, which owns
-both the attention computation over what it stores and the layout of what it stores:
+The model runs every prompt through the same causal attention (``model.prefill``) and hands each
+layer's post-RoPE q, k, v to the policy, which decides what to store; in decode it hands over one
+new token's q, k, v and the policy owns the attention over what it stored. A policy is a frozen
+dataclass (hashable: a static argument of the jitted steps), one file per policy, registered by
+name in ``hetero_jax.cache``. The whole contract:
 
-* ``build_layer(layer, q, k, v, lengths, max_new_tokens)`` -> ``layer_state``
+* ``create(cfg, ratio=None, **options)`` (classmethod): build from CLI-style options; ``ratio`` is
+  the device prompt-KV budget as a fraction of full KV.
+* ``build_layer(layer, q, k, v, lengths, max_new_tokens)`` -> ``layer_state`` (in jit):
   q (B,T,Hq,D), k/v (B,T,Hkv,D) for the whole right-padded prompt, ``lengths`` (B,) real tokens:
-  what the layer keeps, sized for ``max_new_tokens`` more. The default ``prefill_layer`` runs
-  the shared causal prefill attention and then ``build_layer``; since the attention output does
-  not depend on the policy, one prefill can build the caches of many policies
-  (``model.prefill_qkv`` + ``model.build_cache``). A policy whose prefill attention differs
-  overrides ``prefill_layer(...) -> (out, layer_state)`` instead.
-* ``decode_layer(layer, layer_state, q, k, v, cache)`` -> ``(out, layer_state)``
+  what the layer keeps, sized for ``max_new_tokens`` more. The prefill attention is the same for
+  every policy, so one forward pass can build the caches of many (``model.prefill_qkv``).
+* ``decode_layer(layer, layer_state, q, k, v, cache)`` -> ``(out, layer_state)`` (in jit):
   q (B,Hq,D), k/v (B,Hkv,D) for one new token per sequence at position ``cache.lengths``.
+* ``after_prefill(cache)`` -> cache (host, once): e.g. move prompt KV to host memory.
+* ``before_step(cache)`` -> cache (host, before every decode step): e.g. dispatch host->device
+  refresh transfers. Host hooks may dispatch jitted work but never block on it.
+* ``stats(cache)`` -> dict (host): ``device_bytes`` and ``host_bytes`` measured from the arrays
+  held, plus policy counters.
+* ``name`` (class attribute): the registry name; ``needs_profile`` (class attribute): ``create``
+  takes a ``profile`` of head roles measured on the model (benchmarks give random-weight models
+  a synthetic one).
 
-Both run inside the jitted prefill / decode step, so they must be traceable, and ``layer`` is a
-Python int (policies may store different shapes per layer). Three host-side hooks run outside
-jit, each default a no-op; they may dispatch jitted work but must never block on it:
-
-* ``after_prefill(cache)`` -> cache: e.g. move prompt KV to host memory.
-* ``before_step(cache)`` -> cache: e.g. start host->device transfers for a later step.
-* ``stats(cache)`` -> dict: ``device_bytes`` and ``host_bytes`` measured from the arrays held,
-  plus policy counters (checks, refreshes, bytes moved, ...).
-
-Policies are frozen dataclasses (hashable: they are static arguments of the jitted steps).
+``layer`` is a Python int (policies may store different shapes per layer). Host-memory arrays go
+in ``Cache.host``, which the decode loop keeps out of the jitted step.
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from hetero_jax.attention import prefill_attention
 from pallas_kernels import gather_attention
 
 
@@ -46,27 +46,56 @@ class Cache:
     layers: tuple  # one policy-defined pytree per layer
     lengths: jax.Array  # (B,) int32: tokens so far (prompt + generated) = next token's position
     step: jax.Array  # () int32: decode steps taken
-    extra: Any = None  # policy-wide state (pytree), e.g. counters or pending refresh rows
-    host: Any = None  # host-memory arrays; generate() keeps them out of the jitted decode step
+    host: Any = None  # host-memory arrays, kept out of the jitted decode step
 
 
 def array_bytes(tree, memory_kind: str | None = None) -> int:
     """Bytes of the arrays in ``tree``; with ``memory_kind``, only those living in that memory."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        if not hasattr(x, "nbytes"):
-            continue
-        if memory_kind is not None:
-            kind = getattr(getattr(x, "sharding", None), "memory_kind", None) or "device"
-            if kind != memory_kind:
-                continue
-        total += int(x.nbytes)
-    return total
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")]
+    return sum(int(x.nbytes) for x in leaves if memory_kind is None or _kind(x) == memory_kind)
+
+
+def _kind(x) -> str:
+    return getattr(getattr(x, "sharding", None), "memory_kind", None) or "device"
 
 
 def is_host_array(x) -> bool:
-    kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
-    return kind in ("pinned_host", "unpinned_host")
+    return _kind(x) in ("pinned_host", "unpinned_host")
+
+
+def host_memory_kind(x) -> str | None:
+    """The host memory kind of the device holding ``x`` (``pinned_host`` preferred), or None."""
+    kinds = {m.kind for m in next(iter(x.devices())).addressable_memories()}
+    return next((k for k in ("pinned_host", "unpinned_host") if k in kinds), None)
+
+
+def to_memory(x, kind: str):
+    """``x`` moved (asynchronously) to memory ``kind`` of its device."""
+    return jax.device_put(x, x.sharding.with_memory_kind(kind))
+
+
+def on_host(fn):
+    """``fn`` computed in host memory, outputs left there (jax 0.10 names the transform
+    ``compute_on2``, 0.11+ ``compute_on``). Raises ImportError where jax has neither."""
+    from jax.experimental import compute_on as co
+
+    transform = getattr(co, "compute_on2", None) or co.compute_on
+    return transform(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn, *args):
+    """Jitted ``fn`` compiled ahead of time for these argument shapes, once (so a caller can time
+    compilation apart, or compile a program before it is first needed)."""
+    avals = jax.tree.map(lambda x: (x.shape, x.dtype) if hasattr(x, "shape") else x, args)
+    key = (fn, jax.tree.structure(args), tuple(jax.tree.leaves(avals)))
+    if key not in _COMPILED:
+        if len(_COMPILED) > 128:
+            _COMPILED.clear()
+        _COMPILED[key] = fn.lower(*args).compile()
+    return _COMPILED[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +103,7 @@ class CachePolicy:
     """Base class: see the module docstring for the contract."""
 
     name: ClassVar[str] = "base"
+    needs_profile: ClassVar[bool] = False
 
     @classmethod
     def create(cls, cfg, ratio: float | None = None, **options) -> "CachePolicy":
@@ -82,21 +112,12 @@ class CachePolicy:
             raise ValueError(f"cache policy {cls.name!r} keeps the full context; --ratio does not apply")
         return cls(**options)
 
-    def prefill_layer(self, layer: int, q, k, v, lengths, max_new_tokens: int):
-        """Causal attention over the prompt (the same for every policy) + ``build_layer``."""
-        out = prefill_attention(q, k, v, getattr(self, "prefill_chunk", 512))
-        return out, self.build_layer(layer, q, k, v, lengths, max_new_tokens)
-
     def build_layer(self, layer: int, q, k, v, lengths, max_new_tokens: int):
         """The layer's stored state from the whole prompt's post-RoPE q, k, v."""
         raise NotImplementedError
 
-    @classmethod
-    def shares_prefill(cls) -> bool:
-        """True when prefill attention is the shared one, so one prefill can feed many policies."""
-        return cls.prefill_layer is CachePolicy.prefill_layer and cls.build_layer is not CachePolicy.build_layer
-
     def decode_layer(self, layer: int, state, q, k, v, cache: Cache):
+        """Store one new token and attend over what is kept -> (out (B, Hq, D), state)."""
         raise NotImplementedError
 
     def after_prefill(self, cache: Cache) -> Cache:
@@ -106,10 +127,9 @@ class CachePolicy:
         return cache
 
     def stats(self, cache: Cache) -> dict:
-        leaves = jax.tree.leaves(cache)
-        host = sum(int(x.nbytes) for x in leaves if hasattr(x, "nbytes") and is_host_array(x))
-        device = sum(int(x.nbytes) for x in leaves if hasattr(x, "nbytes") and not is_host_array(x))
-        return {"policy": self.name, "device_bytes": device, "host_bytes": host}
+        total = array_bytes(cache)
+        host = sum(int(x.nbytes) for x in jax.tree.leaves(cache) if hasattr(x, "nbytes") and is_host_array(x))
+        return {"policy": self.name, "device_bytes": total - host, "host_bytes": host}
 
 
 def scatter_token(buf: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
@@ -123,10 +143,6 @@ def scatter_token(buf: jax.Array, index: jax.Array, value: jax.Array) -> jax.Arr
 
 def round_up(n: int, multiple: int) -> int:
     return int(-(-n // multiple) * multiple)
-
-
-def prompt_capacity(lengths: np.ndarray, multiple: int) -> int:
-    return round_up(int(np.max(lengths)), multiple)
 
 
 def segment_attention(q, kbuf, vbuf, lengths):

@@ -21,7 +21,6 @@ class FullLayer:
 @dataclasses.dataclass(frozen=True)
 class FullKV(CachePolicy):
     name: ClassVar[str] = "full"
-    prefill_chunk: int = 512
 
     def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         b, t, hkv, d = k.shape

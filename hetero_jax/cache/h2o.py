@@ -13,7 +13,8 @@ decode step once the new one is in, so device KV stays at ``n`` rows (+1 spare) 
   probabilities are a second, score-only pass over the rows); then the lowest-scoring row outside
   the recent window (positions > current - r) is evicted (ties: lowest row).
 
-Options: ``ratio`` (0.5), ``recent_ratio`` (0.5: the H2O paper's equal heavy / recent split).
+Options: ``ratio`` (0.5), ``recent_ratio`` (0.5: the H2O paper's equal heavy / recent split),
+``prefill_chunk`` (512: block size of the prefill's accumulated-attention pass).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from hetero_jax.attention import pooled_scores
 from hetero_jax.cache.base import Cache, scatter_token
 from hetero_jax.cache.selection import (
     CompressingPolicy,
     attention_column_sums,
+    check_int,
     check_length,
-    decode_probs,
     forced_scores,
     head_major,
     keep_indices,
@@ -58,9 +60,11 @@ def _set_rows(buf, index, value):
 class H2O(CompressingPolicy):
     name: ClassVar[str] = "h2o"
     recent_ratio: float = 0.5
+    prefill_chunk: int = 512  # query/key block of the accumulated-attention pass at prefill
 
     def __post_init__(self):
         super().__post_init__()
+        check_int("prefill_chunk", self.prefill_chunk, 1)
         r = self.recent_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
             raise ValueError(f"recent_ratio (the recent window's share of the budget) must be in [0, 1], got {r!r}")
@@ -102,7 +106,9 @@ class H2O(CompressingPolicy):
         pos = _set_rows(state.pos, spare, jnp.broadcast_to(cur[:, None], (b, hkv)))
         live = spare + 1
         out = segment_attention(q, kbuf, vbuf, live)
-        score = _set_rows(state.score, spare, jnp.zeros((b, hkv))) + decode_probs(q, kbuf, live)
+        valid = jnp.arange(s)[None, None, None, None, :] < live[:, :, None, None, None]
+        probs = pooled_scores(q.reshape(b, hkv, -1, 1, q.shape[-1]), kbuf, valid, kernel=1, reduce="mean")
+        score = _set_rows(state.score, spare, jnp.zeros((b, hkv))) + probs
         # evict: the lowest score among live rows outside the recent window (the new token is inside)
         rows = jnp.arange(s)[None, None, :]
         evictable = (rows < live[..., None]) & (pos <= (cur - recent)[:, None, None])

@@ -1,5 +1,7 @@
-"""Drift-check arithmetic of the hetero policy (exact top-k membership without a sort, the overlap
-with a reference set, the adaptive threshold controller) and its host-dispatched refresh programs.
+"""Drift-check arithmetic of the hetero policy, pure functions of arrays: exact top-k membership
+without a sort, the overlap with a reference set, position-ordered index lists, and the adaptive
+threshold controller. The policy's device check (``hetero_monitor``) and host refresh
+(``hetero_refresh``) call these; tests check them alone against numpy.
 
 Top-k membership. The overlap |top-K(s) ∩ ref| / K needs no top-k index list: a reference member
 r is in the top K exactly when s[r] is above the K-th largest score, or equal to it and among the
@@ -24,24 +26,12 @@ the target asks for more than every check). Deterministic: a pure function of th
 The gain trades the start-up transient (thr starts at ``threshold`` and moves at most gain x
 target per check) against jitter (gain x the spread of the fired fraction); the default 0.2 with
 30 pivots (SmolLM2) settles within ~5 checks.
-
-Refresh programs (dispatched by ``HeteroCache.before_step``, compiled once per shape). lag 1:
-"refresh" selects (top cap_j of the pivot's last scores), gathers on the host and writes, per
-triggered pivot, before the step after the check. lag 2: "select" (device; reads the state and
-returns new arrays only, so the next decode step, which donates the state, waits on nothing
-else), "fetch" (host gather + copy to the device, independent of that decode step, so the two
-can run at once) and, one step later, "apply" (writes the rows). The rate controller runs in
-"refresh" / "apply", over the pivots checked together.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-
-from hetero_jax.host_compute import on_host
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
@@ -116,175 +106,3 @@ def in_position_order(idx, keep):
     m = jnp.arange(idx.shape[-1]) < keep[..., None]
     pos = jnp.sort(jnp.where(m, idx, jnp.iinfo(jnp.int32).max), axis=-1)
     return jnp.where(m, pos, 0), m
-
-
-# ---------------------------------------------------------------- refresh programs (outside jit)
-def live_clusters(p):
-    """(pivot index, satellites with prompt slots) of a layer's clusters that have any."""
-    out = [(pi, [j for j in sats if p.caps[j] > 0]) for pi, (_, sats) in enumerate(p.monitored)]
-    return [(pi, live) for pi, live in out if live]
-
-
-def select_rows(policy, p, src, pi: int, live) -> tuple:
-    """Pivot pi's refresh from ``src`` = (req, flag, keep): prompt positions (B, S, kc) per live
-    satellite, in position order, and the valid mask (B, S, kc) of the triggered sequences (top
-    cap_j of the pivot's last scores)."""
-    req, flag, keep = src
-    kc = max(p.caps[j] for j in live)
-    keeps = keep[:, jnp.asarray(live)]  # (B, S)
-    idx = jax.lax.top_k(req[:, pi], kc)[1][:, None]  # (B, 1, kc): one top-k per pivot
-    if policy.refresh_select == "authors":  # the top max-keep by position, each takes a prefix
-        pos, _ = in_position_order(idx, keeps.max(1, keepdims=True))
-        pos = jnp.broadcast_to(pos, keeps.shape + (kc,))
-        m = jnp.arange(kc)[None, None, :] < keeps[..., None]
-        pos = jnp.where(m, pos, 0)
-    else:
-        pos, m = in_position_order(jnp.broadcast_to(idx, keeps.shape + (kc,)), keeps)
-    return pos, m & flag[:, pi, None, None]
-
-
-def fetch_rows(p, kv, pos, live, host_kind, dev) -> tuple:
-    """Each live satellite's cap_j rows at ``pos`` from the host copy -> ((B, cap_j, D) k, v) each."""
-    out = []
-    for i, j in enumerate(live):  # each satellite moves exactly its cap_j rows
-        slot = jnp.asarray([p.sats.index(j)])
-        rk, rv = gather_rows(kv[0], kv[1], slot, pos[:, i:i + 1, : p.caps[j]], host_kind, dev)
-        out.append((rk[:, 0], rv[:, 0]))
-    return tuple(out)
-
-
-def write_rows(p, st, pi: int, live, rows, w):
-    k, v = st.k, st.v
-    for i, j in enumerate(live):
-        cap = p.caps[j]
-        sl = slice(p.starts[j], p.starts[j] + cap)
-        k = k.at[:, sl].set(jnp.where(w[:, i, :cap, None], rows[i][0].astype(k.dtype), k[:, sl]))
-        v = v.at[:, sl].set(jnp.where(w[:, i, :cap, None], rows[i][1].astype(v.dtype), v[:, sl]))
-    moved = st.rows_moved.at[pi].add(k.shape[0] * sum(p.caps[j] for j in live))
-    return dataclasses.replace(st, k=k, v=v, rows_moved=moved)
-
-
-def control(policy, states, fired):
-    """threshold_mode "rate": one controller step for the pivots just checked."""
-    if policy.threshold_mode != "rate":
-        return states
-    thr = rate_update(jnp.mean(jnp.stack([s.thr for s in states])), jnp.concatenate(fired), policy.target_rate,
-                      policy.rate_gain)
-    return tuple(dataclasses.replace(s, thr=thr) for s in states)
-
-
-def run_program(policy, name, layers, kinds, dev, args):
-    """The bodies of the host-dispatched programs; ``layers``: (layer, T, max_new) each."""
-    plans = [policy.plan(*x) for x in layers]
-    if name == "refresh":  # lag 1: select, gather and write in one program, per triggered pivot
-        states, kvs = args
-        states = control(policy, states, [s.flag.any(0) for s in states])
-        out = []
-        for p, st, kv, kind in zip(plans, states, kvs, kinds):
-            for pi, live in live_clusters(p):
-                def do(st, p=p, pi=pi, live=live, kv=kv, kind=kind):
-                    pos, w = select_rows(policy, p, (st.req, st.flag, st.keep), pi, live)
-                    st = write_rows(p, st, pi, live, fetch_rows(p, kv, pos, live, kind, dev), w)
-                    return dataclasses.replace(st, flag=st.flag.at[:, pi].set(False))
-
-                st = jax.lax.cond(st.flag[:, pi].any(), do, lambda s: s, st)
-            out.append(st)
-        return tuple(out)
-    if name == "select":  # lag 2, device: new arrays only, so the next step waits on nothing else
-        out = []
-        for p, st in zip(plans, args[0]):  # st = (req, flag, keep)
-            sel = []
-            for pi, live in live_clusters(p):
-                def pick(st, p=p, pi=pi, live=live):
-                    return select_rows(policy, p, st, pi, live)
-
-                sel.append(jax.lax.cond(st[1][:, pi].any(), pick, _zeros_like(pick, st), st))
-            out.append((tuple(sel), st[1].any(0)))
-        return tuple(out)
-    if name == "fetch":  # lag 2, host gather (runs while the next decode step computes)
-        out = []
-        for p, (sel, _), kv, kind in zip(plans, args[0], args[1], kinds):
-            rows = []
-            for (pi, live), (pos, w) in zip(live_clusters(p), sel):
-                def get(pos, p=p, live=live, kv=kv, kind=kind):
-                    return fetch_rows(p, kv, pos, live, kind, dev)
-
-                rows.append(jax.lax.cond(w.any(), get, _zeros_like(get, pos), pos))
-            out.append(tuple(rows))
-        return tuple(out)
-    states, pending = args  # "apply", lag 2: write the fetched rows one step after the select
-    states = control(policy, states, [fired for (_, fired), _ in pending])
-    out = []
-    for p, st, ((sel, fired), rows) in zip(plans, states, pending):
-        for (pi, live), (_, w), rw in zip(live_clusters(p), sel, rows):
-            def put(st, p=p, pi=pi, live=live, rw=rw, w=w):
-                return write_rows(p, st, pi, live, rw, w)
-
-            st = jax.lax.cond(fired[pi], put, lambda s: s, st)
-        out.append(st)
-    return tuple(out)
-
-
-def _zeros_like(fn, *args):
-    """The other branch of a ``lax.cond`` around ``fn``: zeros of its output shapes."""
-    shapes = jax.eval_shape(fn, *args)
-    return lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-
-
-def gather_rows(hk, hv, slots, pos, host_kind, dev):
-    """Rows ``pos`` (B, S, C) of satellite slots ``slots`` (S,) from the (B, S_all, T, D) prompt
-    copy -> device (B, S, C, D).
-
-    With a host copy (``host_kind`` given) the gather runs as host compute and only the gathered
-    rows are put on the device; otherwise (no host memory kind) it is a plain device gather.
-    """
-    b, s, c = pos.shape
-    d = hk.shape[-1]
-    bi = jnp.broadcast_to(jnp.arange(b)[:, None, None], pos.shape)
-    si = jnp.broadcast_to(slots[None, :, None], pos.shape)
-    idx = jnp.stack([bi, si, pos], -1).astype(jnp.int32)
-    dn = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=(0, 1, 2), start_index_map=(0, 1, 2))
-
-    def gather(x, i):
-        return jax.lax.gather(x, i, dn, slice_sizes=(1, 1, 1, d), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-
-    if host_kind is None:
-        return gather(hk, idx), gather(hv, idx)
-    hidx = jax.device_put(idx, dev.with_memory_kind(host_kind))
-    rows = on_host(lambda a, b_, i: (gather(a, i), gather(b_, i)), hk, hv, hidx)  # hetero_jax/host_compute.py
-    if rows is None:  # no host compute: bring the copy over whole, then gather (moves more bytes)
-        return gather(jax.device_put(hk, dev), idx), gather(jax.device_put(hv, dev), idx)
-    return jax.device_put(rows[0], dev), jax.device_put(rows[1], dev)
-
-
-_PROGRAMS: dict = {}
-
-
-def _key(env, name, args):
-    return env, name, jax.tree.structure(args), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
-
-
-def out_shapes(env, name: str, args):
-    """Program ``name``'s outputs as ShapeDtypeStructs (to compile its consumer ahead of time)."""
-    key = ("shapes",) + _key(env, name, args)
-    if key not in _PROGRAMS:
-        policy, layers, kinds, dev = env
-        out = jax.eval_shape(lambda *a: run_program(policy, name, layers, kinds, dev, a), *args)
-        _PROGRAMS[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out)
-    return _PROGRAMS[key]
-
-
-def program(env, name: str, args, donate=()):
-    """The jitted program ``name`` of ``env`` = (policy, layers, host memory kinds, device) for these
-    argument shapes, compiled once (ahead of time from ``after_prefill``, so no refresh stalls on it)."""
-    key = _key(env, name, args)
-    if key not in _PROGRAMS:
-        policy, layers, kinds, dev = env
-
-        def run(*a):
-            return run_program(policy, name, layers, kinds, dev, a)
-
-        if len(_PROGRAMS) > 128:
-            _PROGRAMS.clear()
-        _PROGRAMS[key] = jax.jit(run, donate_argnums=donate).lower(*args).compile()
-    return _PROGRAMS[key]

@@ -22,8 +22,9 @@ from hetero_jax.cache.snapkv import SnapKV
 @dataclasses.dataclass(frozen=True)
 class PyramidKV(SnapKV):
     name: ClassVar[str] = "pyramidkv"
+    from_config: ClassVar[tuple] = ("num_layers",)
     beta: int = 20
-    num_layers: int = 1  # set from the model config by create()
+    num_layers: int = 1  # the model's, set by create()
 
     def __post_init__(self):
         super().__post_init__()

@@ -36,9 +36,8 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import SingleDeviceSharding
 
-from hetero_jax.cache.base import Cache, round_up, scatter_token
+from hetero_jax.cache.base import Cache, host_memory_kind, is_host_array, on_host, round_up, scatter_token, to_memory
 from hetero_jax.cache.selection import (
     GROUP_REDUCE,
     ROW_ALIGN,
@@ -81,10 +80,6 @@ class RetrievalHost:
     mode: str = ""
 
 
-def _memory(x, kind: str):
-    return SingleDeviceSharding(next(iter(x.devices())), memory_kind=kind)
-
-
 def _host_gather(x_host, flat):
     """Rows ``flat`` of x_host (B, H, T, D) flattened, gathered on the host (inside compute_on)."""
     x = x_host.reshape(-1, x_host.shape[-1])
@@ -92,14 +87,6 @@ def _host_gather(x_host, flat):
     return jax.lax.gather(
         x, flat[:, None], dims, (1, x.shape[1]), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
     )
-
-
-def _on_host(fn):
-    """``fn`` computed in host memory: jax 0.10 names the function transform compute_on2, 0.11+ compute_on."""
-    from jax.experimental import compute_on as co
-
-    transform = getattr(co, "compute_on2", None) or co.compute_on
-    return transform(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,7 +98,7 @@ def _fetch_fn(mode: str, host_sharding, device_sharding):
             cap = idx.shape[-1]
             if mode == "host":
                 flat = (jnp.arange(b * h, dtype=jnp.int32).reshape(b, h, 1) * t + idx).reshape(-1)
-                rows = _on_host(_host_gather)(x, jax.device_put(flat, host_sharding))
+                rows = on_host(_host_gather)(x, jax.device_put(flat, host_sharding))
                 rows = jax.device_put(rows, device_sharding).reshape(idx.shape + x.shape[-1:])
             else:
                 rows = take_rows(jax.device_put(x, device_sharding), idx)
@@ -186,8 +173,7 @@ class Retrieval(CompressingPolicy):
         layers, host = [], []
         for state in cache.layers:
             x = state.v_prompt
-            kinds = {m.kind for m in next(iter(x.devices())).addressable_memories()}
-            host.append(jax.device_put(x, _memory(x, "pinned_host")) if "pinned_host" in kinds else x)
+            host.append(to_memory(x, "pinned_host") if host_memory_kind(x) == "pinned_host" else x)
             layers.append(dataclasses.replace(state, v_prompt=None))
         return dataclasses.replace(cache, layers=tuple(layers), host=RetrievalHost(tuple(host)))
 
@@ -201,17 +187,15 @@ class Retrieval(CompressingPolicy):
         n = self.budget(cache.lengths - host.steps)
         want = tuple(s.want for s in cache.layers)
         bufs = tuple(s.v for s in cache.layers)
-        x0 = host.v[0]
-        dev = _memory(bufs[0], "device")
-        src = x0.sharding.memory_kind or "device"
-        mode = host.mode or ("host" if self.fetch in ("auto", "host") and src != "device" else "copy")
+        src, dev = host.v[0].sharding, bufs[0].sharding
+        mode = host.mode or ("host" if self.fetch in ("auto", "host") and is_host_array(host.v[0]) else "copy")
         try:
-            out = _fetch_fn(mode, _memory(x0, src), dev)(host.v, bufs, want, n)
+            out = _fetch_fn(mode, src, dev)(host.v, bufs, want, n)
         except Exception:  # noqa: BLE001 - backend without host compute: fall back to copy-then-gather
             if self.fetch == "host" or mode == "copy":
                 raise
             mode = "copy"
-            out = _fetch_fn(mode, _memory(x0, src), dev)(host.v, bufs, want, n)
+            out = _fetch_fn(mode, src, dev)(host.v, bufs, want, n)
         layers = tuple(dataclasses.replace(s, v=v, use=u) for s, (v, u) in zip(cache.layers, out))
         host = dataclasses.replace(host, steps=host.steps + 1, fetches=host.fetches + 1, mode=mode)
         return dataclasses.replace(cache, layers=layers, host=host)

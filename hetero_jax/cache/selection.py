@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax.attention import NEG_INF, _group, pool5
+from hetero_jax.attention import NEG_INF, group_queries, pooled_scores
 from hetero_jax.cache.base import Cache, CachePolicy, round_up, scatter_token, segment_attention
-from pallas_kernels import gather_attention
 
 ROW_ALIGN = 8  # per-head rows are rounded up to this (sublane multiple); keeps storage ~ budget
 MAX_DENOMINATOR = 1024
@@ -84,28 +83,15 @@ def check_kernel(kernel) -> None:
 
 # ------------------------------------------------------------------------------------ scores
 def vote_scores(q_rows, q_pos, k, lengths, *, kernel: int, reduce: str, prefix_end=None):
-    """Pooled, group-reduced attention votes of a few query rows over the prompt keys.
-
-    q_rows (B, W, Hq, D) post-RoPE queries at positions ``q_pos`` (B, W) (rows with a negative
-    position are padding and vote nothing); k (B, Hkv, T, D) head-major keys; lengths (B,) real
-    keys. Each row's softmax runs over keys ``< lengths`` and ``<= q_pos`` (causal); the
-    probabilities are summed over rows, zeroed at keys ``>= prefix_end`` (B,) (the pooling then
-    sees zero padding there, like pooling a sliced prefix), average-pooled with ``kernel`` (zero
-    padding, count_include_pad) and reduced over the GQA group (``max`` or ``mean``).
-    Returns (B, Hkv, T) float32. Costs W x T scores per query head, never T x T.
-    """
-    b, hkv, t, d = k.shape
-    qg = _group(q_rows, hkv).astype(jnp.float32)  # (B, Hkv, G, W, D)
-    s = jnp.einsum("bhgwd,bhtd->bhgwt", qg, k.astype(jnp.float32)) / math.sqrt(d)
-    key = jnp.arange(t)
+    """``attention.pooled_scores`` of query rows q_rows (B, W, Hq, D) at positions ``q_pos`` (B, W)
+    (negative: padding, votes nothing) over head-major prompt keys k (B, Hkv, T, D): causal, keys
+    ``< lengths`` (B,), zeroed at keys ``>= prefix_end`` (B,) before pooling (like pooling a sliced
+    prefix). Returns (B, Hkv, T) float32; costs W x T scores per query head, never T x T."""
+    key = jnp.arange(k.shape[2])
     ok = (key[None, None, :] <= q_pos[:, :, None]) & (key[None, None, :] < lengths[:, None, None])  # (B,W,T)
-    p = jax.nn.softmax(jnp.where(ok[:, None, None], s, NEG_INF), axis=-1)
-    p = jnp.where(ok[:, None, None] & (q_pos >= 0)[:, None, None, :, None], p, 0.0).sum(3)  # (B,Hkv,G,T)
     end = lengths if prefix_end is None else prefix_end
-    p = jnp.where(key[None, None, None, :] < end[:, None, None, None], p, 0.0)
-    if kernel > 1:
-        p = pool5(p, kernel)
-    return p.max(2) if reduce == "max" else p.mean(2)
+    return pooled_scores(group_queries(q_rows, k.shape[1]), k, ok[:, None, None], kernel=kernel, reduce=reduce,
+                         keep=(key[None, :] < end[:, None])[:, None])
 
 
 def attention_column_sums(q, k, lengths, chunk: int = 512):
@@ -119,7 +105,7 @@ def attention_column_sums(q, k, lengths, chunk: int = 512):
     hkv = k.shape[2]
     chunk = math.gcd(t, chunk)
     n = t // chunk
-    qg = _group(q, hkv).astype(jnp.float32) / math.sqrt(d)  # (B, Hkv, G, T, D)
+    qg = group_queries(q, hkv).astype(jnp.float32) / math.sqrt(d)  # (B, Hkv, G, T, D)
     kt = k.transpose(0, 2, 1, 3).astype(jnp.float32)  # (B, Hkv, T, D)
     pos = jnp.arange(chunk)
 
@@ -161,20 +147,6 @@ def attention_column_sums(q, k, lengths, chunk: int = 512):
     return cols.transpose(1, 2, 3, 0, 4).reshape(b, hkv, -1, t)
 
 
-def decode_probs(q, kbuf, lengths):
-    """Softmax of one query per head over its stored rows, averaged over the GQA group.
-
-    q (B, Hq, D), kbuf (B, Hkv, S, D), lengths (B, Hkv) valid rows. Returns (B, Hkv, S) float32
-    (0 past lengths). H2O needs these probabilities; the attention kernel returns outputs only.
-    """
-    b, hkv, s, d = kbuf.shape
-    qg = q.reshape(b, hkv, -1, d).astype(jnp.float32)
-    logits = jnp.einsum("bhgd,bhsd->bhgs", qg, kbuf.astype(jnp.float32)) / math.sqrt(d)
-    valid = jnp.arange(s)[None, None, :] < lengths[..., None]
-    p = jax.nn.softmax(jnp.where(valid[:, :, None], logits, NEG_INF), axis=-1)
-    return jnp.where(valid, p.mean(2), 0.0)
-
-
 # --------------------------------------------------------------------------------- selection
 def keep_indices(scores, n_keep, cap: int):
     """Top ``n_keep`` keys per (batch, head), returned in position order.
@@ -211,25 +183,22 @@ class CompressingPolicy(CachePolicy):
     """Base of the compressing baselines: ``ratio`` validation, option checking, budgets."""
 
     name: ClassVar[str] = "compressing"
+    from_config: ClassVar[tuple] = ()  # fields taken from the model config (LlamaConfig), not options
     ratio: float = 0.5
-    prefill_chunk: int = 512
 
     def __post_init__(self):
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
-        check_int("prefill_chunk", self.prefill_chunk, 1)
 
     @classmethod
     def create(cls, cfg, ratio: float | None = None, **options) -> "CachePolicy":
-        names = {f.name for f in dataclasses.fields(cls)} - {"num_layers"}
+        names = {f.name for f in dataclasses.fields(cls)} - set(cls.from_config)
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(
                 f"unknown option(s) {', '.join(unknown)} for cache policy {cls.name!r}; "
                 f"valid: ratio, {', '.join(sorted(names - {'ratio'}))}"
             )
-        if "num_layers" in {f.name for f in dataclasses.fields(cls)}:
-            options["num_layers"] = cfg.num_layers
-        return cls(ratio=0.5 if ratio is None else ratio, **options)
+        return cls(ratio=0.5 if ratio is None else ratio, **options, **{f: getattr(cfg, f) for f in cls.from_config})
 
     def budget(self, lengths):
         """Per-sequence prompt budget (traced int32)."""

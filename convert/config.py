@@ -92,11 +92,6 @@ class LlamaConfig:
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA group, G)."""
-        return self.num_heads // self.num_kv_heads
-
     def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
         """Bytes of K and V for one token over all layers and KV heads."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -1,0 +1,127 @@
+"""HeteroCache's token scores and its drift check, on device inside the jitted steps (REFERENCE.md
+sections 3-4).
+
+Scores: a query's softmax over the prompt keys, pool5 per query head, max over the GQA group. At
+prefill the last prompt query scores every head (compressed heads keep their top cap_h tokens,
+pivots take their top K = base as the reference set). In decode, layers whose pivots have
+satellites buffer the pivots' queries; every ``steps`` steps the decode step compares the top-K
+sets of the window's scores with each pivot's own reference set (pivot i of the layer's cluster
+list against reference row i: the authors' code pairs JSON order with ascending pivot order, a
+defect in layers with 2+ pivots listed out of order) and, on drift, stores a refresh request for
+the host (``hetero_refresh``). ``check_impl`` chooses how the overlap is computed, all exact
+(``hetero_drift``): "spread" scores each step's query as it comes, "select" / "topk" everything
+at the check step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from hetero_jax.attention import NEG_INF, pooled_scores
+from hetero_jax.cache.hetero_drift import compact_positions, ref_overlap, topk_mask
+from hetero_jax.cache.hetero_pool import DriftState, HeteroLayer, LayerPlan, prompt_keys
+from pallas_kernels import topk_overlap
+
+
+def group_max_scores(q, k, plen) -> jax.Array:
+    """q (..., G, 1, D) one query per query head, k (..., T, D) prompt keys, plen (...) real prompt
+    lengths -> (..., T): softmax over the prompt, pool5 per query head, max over the group, NEG_INF
+    past the prompt."""
+    inside = jnp.arange(k.shape[-2]) < plen[..., None]
+    return jnp.where(inside, pooled_scores(q, k, inside[..., None, None, :]), NEG_INF)
+
+
+def init_drift(policy, p: LayerPlan, scores, q, kt, vt, lengths, max_new: int) -> DriftState:
+    """The drift state after prefill: each pivot's reference set (top K = base of its last-query
+    ``scores`` (B, Hkv, T)), empty buffers, the satellites' prompt KV staged for offload."""
+    b, hkv, t, d = kt.shape
+    pivots = [pv for pv, _ in p.monitored]
+    npv, g, kmax = len(pivots), q.shape[2] // hkv, int(policy.base_table(t)[t])
+    kb = jnp.asarray(policy.base_table(t))[lengths]
+    idx = jax.lax.top_k(scores[:, jnp.asarray(pivots)], kmax)[1]  # (B, P, Kmax), row i = pivot i's own set
+    r = jnp.arange(kmax)
+    return DriftState(
+        qbuf=jnp.zeros((b, policy.steps, npv, g, d), q.dtype),
+        ref=jnp.where(r < kb[:, None, None], idx, -1 - kmax - r).astype(jnp.int32),
+        req=jnp.zeros((b, npv, t), jnp.float32),
+        flag=jnp.zeros((b, npv), bool),
+        overlap=jnp.ones((b, npv), jnp.float32),
+        checks=jnp.zeros((npv,), jnp.int32),
+        refreshes=jnp.zeros((npv,), jnp.int32),
+        rows_moved=jnp.zeros((npv,), jnp.int32),
+        thr=jnp.asarray(policy.threshold, jnp.float32),
+        fired=jnp.zeros((max(max_new, 1),), bool),
+        ovbuf=jnp.ones((b, policy.steps, npv), jnp.float32) if policy.check_impl == "spread" else None,
+        stage=(kt[:, jnp.asarray(p.sats)], vt[:, jnp.asarray(p.sats)]),
+    )
+
+
+def checks_at(policy, layer: int, step):
+    """Whether layer ``layer`` runs its drift check in decode step ``step`` (traced or int)."""
+    k = step + 1 - (layer % policy.steps if policy.stagger else 0)
+    return (k % policy.steps == 0) & (k > 0)
+
+
+def _pivot_scores(p: LayerPlan, st: HeteroLayer, plen, q):
+    """q (B, W, P, G, D) pivots' queries -> (B, W, P, T) scores over each pivot's prompt keys."""
+    keys = prompt_keys(p, st, [pv for pv, _ in p.monitored])  # (B, P, T, D)
+    return group_max_scores(q[..., None, :], keys[:, None], plen[:, None, None])
+
+
+def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> HeteroLayer:
+    """Buffer the pivots' queries qg (B, Hkv, G, D); every ``steps`` steps run the drift check."""
+    ds = st.drift
+    step, n = cache.step, policy.steps
+    slot = step % n
+    qbuf = ds.qbuf.at[:, slot].set(qg[:, jnp.asarray([pv for pv, _ in p.monitored])].astype(ds.qbuf.dtype))
+    kmax = ds.ref.shape[-1]
+    plen = cache.lengths - step  # real prompt length per sequence
+    kb = jnp.asarray(policy.base_table(st.T))[plen]
+    r = jnp.arange(kmax)
+    inb = r[None, :] < kb[:, None]  # (B, Kmax)
+    ovbuf = ds.ovbuf
+    if policy.check_impl == "spread":  # this step's share of the check: its own query's overlap
+        now = _pivot_scores(p, st, plen, qbuf[:, slot][:, None])[:, 0]  # (B, P, T)
+        now_top = topk_mask(now, kb[:, None])
+        ovbuf = ovbuf.at[:, slot].set(ref_overlap(now_top, ds.ref, kb))
+
+    def check(carry):
+        ref, req, flag, med, checks, refreshes, fired = carry
+        if policy.check_impl == "spread":
+            ov, last, last_top = ovbuf, now, now_top
+        else:
+            s = _pivot_scores(p, st, plen, qbuf)  # (B, W, P, T)
+            last = jnp.take(s, slot, axis=1)
+            if policy.check_impl == "select":
+                top = topk_mask(s, kb[:, None, None])
+                ov, last_top = ref_overlap(top, ref[:, None], kb), jnp.take(top, slot, axis=1)
+            else:  # the original: top-k index lists and their intersection
+                cur = jnp.where(inb[:, None, None, :], jax.lax.top_k(s, kmax)[1], -1 - r)
+                ov = topk_overlap(cur, ref[:, None]) * (kmax / jnp.maximum(kb, 1))[:, None, None]  # (B, W, P)
+        if policy.trigger == "batch":
+            med = jnp.broadcast_to(jnp.median(ov.mean(0), axis=0), flag.shape)
+        else:
+            med = jnp.median(ov, axis=1)
+        trig = med < ds.thr
+
+        def new_ref(ref):  # the new set as an index list (position order), built on a trigger only
+            if policy.check_impl == "topk":
+                idx = jnp.where(inb[:, None, :], jax.lax.top_k(last, kmax)[1], -1 - kmax - r)
+            else:
+                idx = compact_positions(last_top, kmax, -1 - kmax - r)
+            return jnp.where(trig[..., None], idx, ref).astype(jnp.int32)
+
+        ref = jax.lax.cond(trig.any(), new_ref, lambda x: x, ref)
+        fired = fired.at[step].set(trig.any(), mode="drop")
+        return (ref, last, trig, med.astype(jnp.float32), checks + 1, refreshes + trig.any(0).astype(jnp.int32),
+                fired)
+
+    carry = (ds.ref, ds.req, ds.flag, ds.overlap, ds.checks, ds.refreshes, ds.fired)
+    ref, req, flag, med, checks, refreshes, fired = jax.lax.cond(checks_at(policy, layer, step), check,
+                                                                 lambda c: c, carry)
+    ds = dataclasses.replace(ds, qbuf=qbuf, ref=ref, req=req, flag=flag, overlap=med, checks=checks,
+                             refreshes=refreshes, ovbuf=ovbuf, fired=fired)
+    return dataclasses.replace(st, drift=ds)
