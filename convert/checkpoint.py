@@ -187,7 +187,8 @@ def check_finite(params, source: str, remedy: str) -> None:
     """Refuse weights with NaN or inf: on CPU a min/max pass over each tensor in place, on an
     accelerator one jitted reduction (no copy to the host)."""
     leaves = jax.tree.leaves(params)
-    on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())())
+    on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())()) and all(
+        getattr(x, "is_fully_addressable", True) for x in leaves)
     flags = [_is_finite_leaf(x) for x in leaves] if on_cpu else np.asarray(_finite_flags(leaves)).tolist()
     if all(flags):
         return

@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from convert.config import LlamaConfig
+from hetero_jax import sharding
 from hetero_jax.cache import CachePolicy, make_policy
 from hetero_jax.cache.base import Cache
 from hetero_jax.decode_loop import GenerationError, RunOptions, Sampling, run
@@ -44,7 +45,9 @@ def generate(
     array. Sampling is deterministic for a given ``seed``. ``stop_tokens`` default to the
     config's eos ids. ``progress``: bars for long prefills and decode (default: when stderr is a
     terminal). ``options``: benchmark knobs (``hetero_jax.decode_loop.RunOptions``). Raises
-    GenerationError for bad arguments and for non-finite logits.
+    GenerationError for bad arguments and for non-finite logits. Params sharded on a mesh
+    (``load_model(..., mesh=...)``) run on that mesh; ``stats`` then adds ``mesh`` and
+    ``per_device_bytes`` (the cache's bytes on each device).
     """
     check_generate_inputs(params, tokens, policy, config, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id)
@@ -65,4 +68,8 @@ def generate(
             if t in stop:
                 break
         gen.append(ids)
-    return GenerationResult(gen, r.lengths.tolist(), r.cache, policy.stats(r.cache), r.timing)
+    stats = policy.stats(r.cache)
+    mesh = sharding.params_mesh(params)
+    if mesh is not None:  # what the layout costs each device (this process's devices)
+        stats.update(mesh=sharding.mesh_text(mesh), per_device_bytes=sharding.per_device_bytes(r.cache))
+    return GenerationResult(gen, r.lengths.tolist(), r.cache, stats, r.timing)

@@ -36,8 +36,23 @@ from convert.sharding import (
 )
 
 __all__ = ["DATA", "MODEL", "MeshError", "cache_shardings", "check_run", "constrain", "constrain_cache",
+           "initialize_distributed",
            "make_mesh", "mesh_text", "params_mesh", "parse_mesh", "per_device_bytes", "place_batch",
            "shard_params", "supported_model_sizes"]
+
+
+def initialize_distributed(coordinator: str, num_processes: int | None = None, process_id: int | None = None):
+    """Join a multi-process run (one process per host) before anything touches a device.
+    ``coordinator`` "HOST:PORT" of process 0, or "auto" for a cluster jax detects itself (SLURM,
+    Open MPI, ...). Every process then runs the same program on the global mesh."""
+    try:
+        if coordinator == "auto":
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (RuntimeError, ValueError) as e:
+        raise MeshError(f"cannot join the distributed run (coordinator {coordinator!r}, {num_processes} processes, "
+                        f"process id {process_id}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def check_run(cfg, policy, mesh, batch: int) -> None:
