@@ -9,6 +9,7 @@ per-device bytes) and keep the counters of the single-device run.
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -152,3 +153,31 @@ def test_shared_prefill_on_a_mesh(setup):
                    progress=False, options=RunOptions(prefilled=shared))
     assert got.tokens == _reference(setup, "snapkv").tokens
     assert got.cache.layers[1].k.sharding.spec == P("data", "model")
+
+
+def _collectives(text: str) -> list[str]:
+    """(op, jax op name) of every cross-device collective in a compiled program's HLO."""
+    found = re.finditer(r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)\(.*?"
+                        r'op_name="([^"]*)"', text)
+    return [f"{m.group(1)} {m.group(2).rsplit('/', 1)[-1]}" for m in found]
+
+
+def test_owner_shard_work_crosses_no_devices(setup):
+    """On data=2 the cache write of every step (scatter_token) and hetero's refresh gather from the
+    host copy run on the shard that owns the sequence: no collective comes from them."""
+    from hetero_jax.cache import hetero_refresh
+    from hetero_jax.cache.base import _COMPILED
+
+    cfg, params, prompts, policies, _ = setup
+    sharded = shard_params(params, cfg, "data=2")
+    _COMPILED.clear()
+    _gen(sharded, cfg, prompts, "full")
+    (step,) = [exe for key, exe in _COMPILED.items() if key[0].__name__ == "step"]
+    # allowed: the new tokens into the replicated output buffer, the non-finite flag
+    assert sorted(_collectives(step.as_text())) == ["all-gather scatter", "all-reduce reduce_and"]
+    got = _gen(sharded, cfg, prompts, policies["hetero"])
+    c = got.cache
+    due = tuple(l for l, kv in enumerate(c.host.kv) if kv is not None)
+    refresh = hetero_refresh._programs(policies["hetero"], c.layers, c.host, due).as_text()
+    assert "compute_on/gather" in refresh  # the host gather is in the program
+    assert not [x for x in _collectives(refresh) if x.endswith(" gather")], _collectives(refresh)

@@ -137,12 +137,16 @@ class CachePolicy:
 
 
 def scatter_token(buf: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
-    """Write one row per (batch, head): buf (B, H, S, D), index (B,) or (B, H), value (B, H, D)."""
+    """Write one row per (batch, head): buf (B, H, S, D), index (B,) or (B, H), value (B, H, D);
+    rows past S are dropped. (B, H) are batch dimensions of the scatter, so on a mesh each device
+    writes its own sequences' and heads' rows with no traffic."""
     b, h = buf.shape[:2]
-    index = jnp.broadcast_to(index.reshape(b, -1), (b, h))
-    bi = jnp.arange(b)[:, None]
-    hi = jnp.arange(h)[None, :]
-    return buf.at[bi, hi, index].set(value.astype(buf.dtype), mode="drop")
+    index = jnp.broadcast_to(index.reshape(b, -1), (b, h)).astype(jnp.int32)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(2,),
+                                           scatter_dims_to_operand_dims=(2,), operand_batching_dims=(0, 1),
+                                           scatter_indices_batching_dims=(0, 1))
+    return jax.lax.scatter(buf, index[..., None], value.astype(buf.dtype), dims,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def round_up(n: int, multiple: int) -> int:
