@@ -181,3 +181,22 @@ def test_owner_shard_work_crosses_no_devices(setup):
     refresh = hetero_refresh._programs(policies["hetero"], c.layers, c.host, due).as_text()
     assert "compute_on/gather" in refresh  # the host gather is in the program
     assert not [x for x in _collectives(refresh) if x.endswith(" gather")], _collectives(refresh)
+
+
+def test_hetero_lag2_and_teacher_forcing_on_a_mesh(setup):
+    """The other host-program path (lag 2: select, fetch, apply) on data=2, and teacher forcing
+    (the fidelity benchmark's fed tokens) on data=2,model=2, equal their single-device runs."""
+    import dataclasses
+
+    from hetero_jax.decode_loop import run
+
+    cfg, params, prompts, policies, _ = setup
+    lag2 = dataclasses.replace(policies["hetero"], lag=2)
+    ref = _gen(params, cfg, prompts, lag2)
+    got = _gen(shard_params(params, cfg, "data=2"), cfg, prompts, lag2)
+    assert got.tokens == ref.tokens and got.stats["refreshes"] == ref.stats["refreshes"] > 0
+    feed = np.random.default_rng(7).integers(1, 256, (5, len(prompts)))
+    want = run(params, prompts, config=cfg, policy=policies["full"], steps=5, feed=feed)
+    have = run(shard_params(params, cfg, "data=2,model=2"), prompts, config=cfg, policy=policies["full"], steps=5,
+               feed=feed)
+    np.testing.assert_array_equal(have.tokens, want.tokens)
