@@ -37,7 +37,7 @@ from convert.sharding import (
 
 __all__ = ["DATA", "MODEL", "MeshError", "cache_shardings", "check_run", "constrain", "constrain_cache",
            "initialize_distributed",
-           "make_mesh", "mesh_text", "params_mesh", "parse_mesh", "per_device_bytes", "place_batch",
+           "make_mesh", "mesh_text", "params_mesh", "parse_mesh", "per_device_bytes", "place", "place_batch",
            "shard_params", "supported_model_sizes"]
 
 
