@@ -200,3 +200,16 @@ def test_hetero_lag2_and_teacher_forcing_on_a_mesh(setup):
     have = run(shard_params(params, cfg, "data=2,model=2"), prompts, config=cfg, policy=policies["full"], steps=5,
                feed=feed)
     np.testing.assert_array_equal(have.tokens, want.tokens)
+
+
+def test_bench_decode_rows_report_per_device_bytes(setup):
+    """bench.decode --mesh: each row carries the mesh, bytes per device and their balance."""
+    from bench.decode import run_ours
+
+    cfg, params, _, _, _ = setup
+    sharded = shard_params(params, cfg, "data=2,model=2")
+    rows = run_ours(cfg, sharded, ["full", "snapkv:0.5:window=4"], context=100, batch=2, new_tokens=2, repeats=1)
+    for row, _ in rows:
+        assert row["mesh"] == "data=2,model=2" and row["devices"] == 4 and row["kv_balance"] == 1.0
+        assert row["kv_bytes_per_device_max"] < row["device_kv_bytes"] / 3  # a quarter, + small replicated arrays
+        assert row["weights_bytes_per_device_max"] < sum(x.nbytes for x in jax.tree.leaves(params))
