@@ -350,6 +350,8 @@ def main(argv=None):
     info = machine()
     bw = read_bandwidth()
     print(f"{info['device']}: measured read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr)
+    from convert.sharding import MeshError
+
     try:
         cfg, params, model = load(args.model, args.dtype, args.mesh)
     except ValueError as e:  # a bad mesh, or one this model's heads do not split over
@@ -367,8 +369,12 @@ def main(argv=None):
     for context in contexts:
         for batch in [int(b) for b in args.batches.split(",")]:
             specs = args.policies.split(",")
-            for row, stats in run_ours(cfg, params, specs, context, batch, args.new_tokens, args.repeats,
-                                          synthetic=args.model.startswith("random:")):
+            try:
+                measured = run_ours(cfg, params, specs, context, batch, args.new_tokens, args.repeats,
+                                    synthetic=args.model.startswith("random:"))
+            except MeshError as e:  # e.g. hetero with model > 1, or a batch that does not split over data
+                sys.exit(f"error: {e}")
+            for row, stats in measured:
                 row["bytes_per_step"] = bytes_read_per_step(pbytes, stats)
                 if "kv_bytes_per_device_max" in row:  # the busiest device's reads bound the step
                     row["bytes_per_step"] = row["weights_bytes_per_device_max"] + row["kv_bytes_per_device_max"]

@@ -102,6 +102,8 @@ def prefill_once(params, tokens, *, config: LlamaConfig, pad_multiple: int = PAD
     policies can be compared on the same forward pass (``RunOptions(prefilled=...)``)."""
     padded, lengths = pad_prompts(tokens, pad_id, pad_multiple)
     mesh = sharding.params_mesh(params)
+    if mesh is not None:
+        sharding.check_batch(mesh, len(lengths))
     args = (params, *_inputs(mesh, padded, lengths))
     t0 = time.perf_counter()
     exe = compiled(_qkv_fn(config), *args)

@@ -35,7 +35,7 @@ from convert.sharding import (
     supported_model_sizes,
 )
 
-__all__ = ["DATA", "MODEL", "MeshError", "cache_shardings", "check_run", "constrain", "constrain_cache",
+__all__ = ["DATA", "MODEL", "MeshError", "cache_shardings", "check_batch", "check_run", "constrain", "constrain_cache",
            "initialize_distributed",
            "make_mesh", "mesh_text", "params_mesh", "parse_mesh", "per_device_bytes", "place", "place_batch",
            "shard_params", "supported_model_sizes"]
@@ -63,6 +63,10 @@ def check_run(cfg, policy, mesh, batch: int) -> None:
             f"cache policy {policy.name!r} does not split its cache over KV heads yet, so it runs only with "
             f"model=1 (mesh {mesh_text(mesh)} given); use data=N to split the batch over devices"
         )
+    check_batch(mesh, batch)
+
+
+def check_batch(mesh, batch: int) -> None:
     if batch % mesh.shape[DATA]:
         raise MeshError(f"a batch of {batch} prompt(s) does not split over data={mesh.shape[DATA]}; pass a "
                         f"multiple of {mesh.shape[DATA]} prompts or a smaller data axis")

@@ -21,7 +21,7 @@ from convert.checkpoint import CHECKSUMS, FORMAT, FORMAT_VERSION, META_FILE, fol
 from convert.params import init_random_params
 from convert.sharding import MeshError, make_mesh, shard_params
 from hetero_jax.cache import make_policy
-from hetero_jax.decode_loop import RunOptions
+from hetero_jax.decode_loop import RunOptions, prefill_once
 from hetero_jax.generate import generate
 from hetero_jax.sharding import per_device_bytes
 from tests.test_hetero import make_cfg, random_profile
@@ -119,8 +119,11 @@ def test_bad_meshes_and_batches(setup):
         make_mesh("data=4,model=4")
     with pytest.raises(MeshError, match="unknown axis 'pipe'"):
         make_mesh("pipe=2")
+    on_data2 = shard_params(params, cfg, "data=2")
     with pytest.raises(MeshError, match="a batch of 3 prompt.*data=2"):
-        _gen(shard_params(params, cfg, "data=2"), cfg, prompts[:3], "full")
+        _gen(on_data2, cfg, prompts[:3], "full")
+    with pytest.raises(MeshError, match="a batch of 1 prompt.*data=2"):
+        prefill_once(on_data2, prompts[:1], config=cfg)
 
 
 def test_load_model_restores_straight_into_the_mesh(setup, tmp_path):
@@ -144,8 +147,6 @@ def test_load_model_restores_straight_into_the_mesh(setup, tmp_path):
 
 def test_shared_prefill_on_a_mesh(setup):
     """The benchmarks' path (prefill_once + build_cache) keeps the layout too."""
-    from hetero_jax.decode_loop import prefill_once
-
     cfg, params, prompts, policies, _ = setup
     sharded = shard_params(params, cfg, "data=2,model=2")
     shared = prefill_once(sharded, prompts, config=cfg)
