@@ -78,6 +78,9 @@ def make_mesh(spec, devices=None) -> Mesh:
                 if devices and devices[0].platform == "cpu" else "")
         raise MeshError(f"mesh data={shape[0]},model={shape[1]} needs {need} devices; {len(devices)} "
                         f"{devices[0].platform if devices else ''} device(s) are visible{hint}")
+    if jax.process_count() > 1 and need != len(devices):
+        raise MeshError(f"mesh data={shape[0]},model={shape[1]} uses {need} of the {len(devices)} devices of this "
+                        f"{jax.process_count()}-process run; a multi-host mesh must span every device")
     auto = (jax.sharding.AxisType.Auto,) * 2  # sharding propagated by the compiler; the model code stays plain
     if need == len(devices) and devices == list(jax.devices()):
         return jax.make_mesh(shape, AXES, axis_types=auto)
