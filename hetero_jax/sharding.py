@@ -35,10 +35,9 @@ from convert.sharding import (
     supported_model_sizes,
 )
 
-__all__ = ["DATA", "MODEL", "MeshError", "cache_shardings", "check_batch", "check_run", "constrain", "constrain_cache",
-           "initialize_distributed",
-           "make_mesh", "mesh_text", "params_mesh", "parse_mesh", "per_device_bytes", "place", "place_batch",
-           "shard_params", "supported_model_sizes"]
+__all__ = ["DATA", "MODEL", "MeshError", "cache_shardings", "check_batch", "check_run", "constrain",
+           "constrain_cache", "initialize_distributed", "make_mesh", "mesh_text", "params_mesh", "parse_mesh",
+           "per_device_bytes", "place", "place_batch", "shard_params", "supported_model_sizes"]
 
 
 def initialize_distributed(coordinator: str, num_processes: int | None = None, process_id: int | None = None):

@@ -33,7 +33,8 @@ def test_mesh_cases_on_eight_devices():
 
 _DISTRIBUTED = """
 import jax, numpy as np
-jax.distributed.initialize("localhost:{port}", num_processes=1, process_id=0)
+from hetero_jax.sharding import initialize_distributed
+initialize_distributed("localhost:{port}", 1, 0)  # what --coordinator localhost:PORT --num-processes 1 does
 from convert.params import init_random_params
 from convert.sharding import shard_params
 from hetero_jax.generate import generate
