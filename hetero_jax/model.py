@@ -9,7 +9,6 @@ the whole cache every decode step).
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,20 +58,13 @@ def final_logits(params, x, *, cfg: LlamaConfig):
     return (x @ head).astype(jnp.float32)
 
 
-class Network(NamedTuple):
-    """The model as callables, so the loops below run the params dict and the Flax modules
-    (``nnx_model``) alike: ``layers[i]`` is called as ``decoder_layer`` is, after ``lp``."""
-    embed: Callable  # tokens -> x
-    layers: Sequence[Callable]
-    head: Callable  # x -> float32 logits
-
-
-def network(params, cfg: LlamaConfig) -> Network:
-    """The params dict as a ``Network`` (a ``Network`` is returned as it is)."""
-    if isinstance(params, Network):
+def network(params, cfg: LlamaConfig) -> tuple:
+    """The params dict as the callables ``(embed, layers, head)`` the loops below run (``nnx_model``'s
+    modules pass their own): ``embed(tokens)``; layers called as ``decoder_layer`` after ``lp``; ``head(x)``."""
+    if isinstance(params, tuple):
         return params
     layers = [functools.partial(decoder_layer, lp, cfg=cfg) for lp in params["layers"]]
-    return Network(params["embed"].__getitem__, layers, functools.partial(final_logits, params, cfg=cfg))
+    return params["embed"].__getitem__, layers, functools.partial(final_logits, params, cfg=cfg)
 
 
 def as_params(params):
@@ -81,39 +73,34 @@ def as_params(params):
 
 
 def _prompt_layers(params, tokens, lengths, cfg: LlamaConfig, keep, all_logits=False, progress=None):
-    """The one prefill layer loop: causal attention over the right-padded prompt, the same for every
-    cache policy; ``keep(layer, q, k, v)`` says what each layer leaves behind (a policy's state, or
-    q, k, v themselves). ``progress``, if given, is called with the layer index as each layer
-    finishes (through ``jax.debug.callback``: a progress bar without leaving jit)."""
-    net, (b, t) = network(params, cfg), tokens.shape
-    inv_freq = rope_inv_freq(cfg)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = net.embed(tokens)
-    kept = []
-    for i, layer in enumerate(net.layers):
+    """The one prefill layer loop: causal attention over the right-padded prompt for every policy;
+    ``keep(layer, q, k, v)`` says what each layer leaves (a policy's state, or q, k, v). ``progress(layer)``,
+    if given, runs as each layer finishes (``jax.debug.callback``: a progress bar without leaving jit)."""
+    (embed, layers, head), (b, t) = network(params, cfg), tokens.shape
+    positions, inv_freq = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), rope_inv_freq(cfg)
+    x, kept = embed(tokens), []
+    for i, layer in enumerate(layers):
         x, state = layer(x, positions, inv_freq, lambda q, k, v: (prefill_attention(q, k, v), keep(i, q, k, v)))
         kept.append(state)
         if progress is not None:
             jax.debug.callback(functools.partial(progress, i), x[0, 0, 0], ordered=True)
     if not all_logits:
         x = gather_rows(x, (lengths - 1)[:, None])[:, 0]
-    return net.head(x), tuple(kept)
+    return head(x), tuple(kept)
 
 
 def prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: LlamaConfig, policy: CachePolicy,
             max_new_tokens: int, all_logits: bool = False, progress=None):
-    """Run the right-padded prompt ``tokens`` (B, T) through the model and build the policy's cache.
-    Returns ``(logits, cache)``: logits (B, V) at each row's last real token, or (B, T, V) with
-    ``all_logits``."""
-    build = lambda i, q, k, v: policy.build_layer(i, q, k, v, lengths, max_new_tokens)  # noqa: E731
+    """Run the right-padded prompt ``tokens`` (B, T) through the model and build the policy's cache
+    -> ``(logits, cache)``: logits (B, V) at each row's last real token, or (B, T, V) with ``all_logits``."""
+    build = functools.partial(policy.build_layer, lengths=lengths, max_new_tokens=max_new_tokens)
     logits, states = _prompt_layers(params, tokens, lengths, cfg, build, all_logits, progress)
     return logits, _new_cache(states, lengths)
 
 
 def prefill_qkv(params, tokens: jax.Array, lengths: jax.Array, *, cfg: LlamaConfig, progress=None):
-    """The policy-independent prefill: last-token logits (B, V) and every layer's post-RoPE
-    (q, k, v). ``build_cache`` turns them into any policy's cache, so one forward pass can feed
-    many policies."""
+    """The policy-independent prefill: last-token logits (B, V) and every layer's post-RoPE (q, k, v),
+    which ``build_cache`` turns into any policy's cache (one forward pass feeds many policies)."""
     return _prompt_layers(params, tokens, lengths, cfg, lambda i, q, k, v: (q, k, v), progress=progress)
 
 
@@ -129,11 +116,10 @@ def _new_cache(states, lengths) -> Cache:
 
 def decode_step(params, cache: Cache, tokens: jax.Array, *, cfg: LlamaConfig, policy: CachePolicy):
     """One token per sequence (B,) at position ``cache.lengths`` -> (logits (B, V), new cache)."""
-    net, inv_freq = network(params, cfg), rope_inv_freq(cfg)
-    x = net.embed(tokens)  # (B, hidden)
-    states = []
-    for i, layer in enumerate(net.layers):
+    (embed, layers, head), inv_freq = network(params, cfg), rope_inv_freq(cfg)
+    x, states = embed(tokens), []  # x: (B, hidden)
+    for i, layer in enumerate(layers):
         attend = functools.partial(policy.decode_layer, i, cache.layers[i], cache=cache)
         x, state = layer(x, cache.lengths, inv_freq, attend)
         states.append(state)
-    return net.head(x), Cache(tuple(states), cache.lengths + 1, cache.step + 1, cache.host)
+    return head(x), Cache(tuple(states), cache.lengths + 1, cache.step + 1, cache.host)

@@ -3,7 +3,7 @@
 Each block holds its weights as ``nnx.Param``s named as in the params dict (``convert.params``) and
 calls the function the params-dict path runs (``model.attention_block``, ``model.mlp_block``,
 ``model.final_logits``); the whole model runs ``model.prefill`` and ``model.decode_step`` over its
-blocks (``model.Network``). So both paths compute the same logits by construction, the cache
+blocks (``model.network``). So both paths compute the same logits by construction, the cache
 pytree and the cache policy go in and come out as they do there, and the usual NNX tools apply:
 ``nnx.split`` / ``nnx.merge``, replacing a block by any module called the same way, ``nnx.grad`` to
 fine-tune around the model. ``from_params`` / ``to_params`` convert from and to the params dict
@@ -127,8 +127,9 @@ class LlamaForCausalLM(nnx.Module):
         layers = [{**layer.attn.weights(), **layer.mlp.weights()} for layer in self.layers]
         return {"embed": self.embed.table[...], "layers": layers, **self.head.weights()}
 
-    def network(self) -> model.Network:
-        return model.Network(self.embed, list(self.layers), lambda x: self.head(x, self.embed.table[...]))
+    def network(self) -> tuple:
+        """``(embed, layers, head)`` callables for ``model``'s loops (``model.network``)."""
+        return self.embed, list(self.layers), lambda x: self.head(x, self.embed.table[...])
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array, *, policy: CachePolicy, max_new_tokens: int,
                 all_logits: bool = False) -> tuple[jax.Array, Cache]:
