@@ -10,7 +10,7 @@ from typing import Sequence
 from convert.config import LlamaConfig
 from hetero_jax.cache import CachePolicy, make_policy
 from hetero_jax.cache.base import Cache
-from hetero_jax.decode_loop import RunOptions, Sampling, run
+from hetero_jax.decode_loop import GenerationError, RunOptions, Sampling, run  # noqa: F401 (GenerationError: re-exported)
 from hetero_jax.generate_inputs import check_generate_inputs
 from hetero_jax.model import as_params
 
