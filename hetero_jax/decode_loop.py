@@ -101,6 +101,7 @@ def prefill_once(params, tokens, *, config: LlamaConfig, pad_multiple: int = PAD
     """Run the prompts through the model once, keeping every layer's q, k, v, so that several cache
     policies can be compared on the same forward pass (``RunOptions(prefilled=...)``)."""
     padded, lengths = pad_prompts(tokens, pad_id, pad_multiple)
+    params = model.as_params(params)
     mesh = sharding.params_mesh(params)
     if mesh is not None:
         sharding.check_batch(mesh, len(lengths))
