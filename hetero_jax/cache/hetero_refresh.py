@@ -252,12 +252,12 @@ def _gather_rows(hk, hv, slots, pos, host_kind, dev):
     copy -> device (B, S, C, D). With a host copy (``host_kind`` given) the gather runs as host
     compute and only the gathered rows are put on the device; without host compute, the whole
     copy comes over first (moves more bytes); without a host memory kind, a plain device gather."""
-    b, s, c = pos.shape
     d = hk.shape[-1]
-    bi = jnp.broadcast_to(jnp.arange(b)[:, None, None], pos.shape)
     si = jnp.broadcast_to(slots[None, :, None], pos.shape)
-    idx = jnp.stack([bi, si, pos], -1).astype(jnp.int32)
-    dn = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=(0, 1, 2), start_index_map=(0, 1, 2))
+    idx = jnp.stack([si, pos], -1).astype(jnp.int32)  # the batch is a batch dimension of the gather: on a
+    dn = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=(1, 2), start_index_map=(1, 2),
+                                        operand_batching_dims=(0,), start_indices_batching_dims=(0,))  # mesh each
+    # shard gathers its own sequences' rows from its own host copy, nothing crosses devices
 
     def gather(x, i):
         return jax.lax.gather(x, i, dn, slice_sizes=(1, 1, 1, d), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
