@@ -143,9 +143,10 @@ class HeteroCache(CachePolicy):
     def decode_layer(self, layer, st, q, k, v, cache: Cache):
         p = self.plan(layer, st.T, st.max_new)
         qg = q.reshape(k.shape[0], k.shape[1], -1, k.shape[2])
-        out, st = append_and_attend(p, st, qg, k, v, cache.step)
+        score_once = bool(p.monitored) and self.check_impl == "spread"  # the pivots' scores from this pass
+        out, st, logits = append_and_attend(p, st, qg, k, v, cache.step, logits=score_once)
         if p.monitored:
-            st = monitor(self, layer, p, st, qg, cache)
+            st = monitor(self, layer, p, st, qg, cache, logits)
         return out.reshape(q.shape), st
 
     def after_prefill(self, cache: Cache) -> Cache:
@@ -161,7 +162,7 @@ class HeteroCache(CachePolicy):
     def stats(self, cache: Cache) -> dict:
         out = super().stats(cache)
         per_pivot, per_layer = [], [0] * len(cache.layers)
-        row_bytes = 2 * cache.layers[0].k.shape[-1] * cache.layers[0].k.dtype.itemsize
+        row_bytes = 2 * cache.layers[0].full_k.shape[-1] * cache.layers[0].full_k.dtype.itemsize
         for l, st in enumerate(cache.layers):
             if st.drift is None:
                 continue
@@ -176,7 +177,10 @@ class HeteroCache(CachePolicy):
             "lag_steps": self.lag, "check_impl": self.check_impl, "stagger": self.stagger,
             "threshold_mode": self.threshold_mode, "counts": self._profile().counts(),
             "thresholds": [float(st.drift.thr) if st.drift is not None else None for st in cache.layers],
-            "prompt_slots_device": sum(sum(self.plan(l, st.T, st.max_new).caps) for l, st in enumerate(cache.layers)),
+            # rows the blocks allocate (F x T + C x Cmax per layer), padding to Cmax included
+            "prompt_slots_device": sum(self.plan(l, st.T, st.max_new).prompt_slots(st.T)
+                                       for l, st in enumerate(cache.layers)),
+            "prompt_slots_budget": sum(sum(self.plan(l, st.T, st.max_new).caps) for l, st in enumerate(cache.layers)),
             "prompt_slots_full": cache.layers[0].T * sum(len(r) for r in self.roles),
             "checks": sum(x["checks"] for x in per_pivot),
             "refreshes": sum(x["refreshes"] for x in per_pivot),
