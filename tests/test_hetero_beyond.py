@@ -130,8 +130,11 @@ def drive(params, cfg, policy, tokens, lengths, n_steps, feed=None):
 
 
 def field(layer, name):
-    """A layer's pool array (k, v) or drift-state array by name."""
-    return getattr(layer, name) if name in ("k", "v") else getattr(layer.drift, name)
+    """A layer's block array (full_k, ..., comp_v) or drift-state array by name."""
+    return getattr(layer, name) if name in BLOCKS else getattr(layer.drift, name)
+
+
+BLOCKS = ("full_k", "full_v", "comp_k", "comp_v")
 
 
 def checks_at(policy, layer, n_steps):
@@ -200,7 +203,7 @@ def test_check_impls_give_identical_decisions(seed):
             np.testing.assert_array_equal(a, b)
         for x, y in zip(runs[impl][2], runs["topk"][2]):
             for la, lb in zip(x.layers, y.layers):
-                for f in ("flag", "refreshes", "k", "v"):
+                for f in ("flag", "refreshes") + BLOCKS:
                     np.testing.assert_array_equal(field(la, f), field(lb, f), err_msg=f"{impl} {f}")
                 np.testing.assert_allclose(la.drift.overlap, lb.drift.overlap, rtol=1e-6, err_msg=f"{impl} overlap")
                 # the reference set (position order here, score order in topk; the same sentinels)
