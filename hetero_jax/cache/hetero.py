@@ -1,10 +1,12 @@
 """HeteroCache: per-head roles from a profile, compressed heads, drift-gated refresh from host.
 
 The method as the authors' code runs it (REFERENCE.md sections 2-4), split by concern:
-``hetero_pool`` (the static per-layer plan and the ragged device pool), ``hetero_monitor`` (token
-scores and the drift check, on device inside the decode step), ``hetero_refresh`` (satellites'
-prompt KV in host memory, refresh programs dispatched between steps without a host sync) and
-``hetero_drift`` (pure top-K arithmetic). This file holds the options and the policy interface.
+``hetero_pool`` (the static per-layer plan and the device blocks: full heads in one uniform
+block, compressed heads in another), ``hetero_monitor`` (token scores and the drift check, on
+device inside the decode step; the pivots' scores come from their own decode attention's logits,
+``drift_scores``), ``hetero_refresh`` (satellites' prompt KV in host memory, refresh programs
+dispatched between steps without a host sync), ``hetero_drift`` and ``topk_select`` (pure top-K
+arithmetic). This file holds the options and the policy interface.
 
 Options (defaults run the authors' method; the others are measured against them in bench/results/):
 ``steps``, ``threshold`` (a check every ``steps`` decode steps, refresh when a pivot's median
