@@ -38,7 +38,7 @@ def kth_largest_key(u: jax.Array, k: jax.Array) -> jax.Array:
     n = math.prod(lead)
     u2 = u.reshape(n, t)
     rem = jnp.broadcast_to(jnp.asarray(k, jnp.int32), lead).reshape(n)  # rank still to find among the matches
-    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, t))
+    row_base = jnp.arange(n, dtype=jnp.int32)[:, None]
     prefix = jnp.zeros((n,), jnp.uint32)
     shift = 32
     for bits in DIGIT_BITS:
@@ -46,7 +46,9 @@ def kth_largest_key(u: jax.Array, k: jax.Array) -> jax.Array:
         shift -= bits
         match = (u2 & high) == (prefix & high)[:, None]
         digit = ((u2 >> jnp.uint32(shift)) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
-        hist = jnp.zeros((n, 1 << bits), jnp.int32).at[rows, digit].add(match.astype(jnp.int32))
+        bin_ = jnp.where(match, row_base * (1 << bits) + digit, n << bits)  # one flat histogram, a spill bin
+        hist = jnp.zeros(((n << bits) + 1,), jnp.int32).at[bin_.reshape(-1)].add(1, mode="promise_in_bounds")
+        hist = hist[: n << bits].reshape(n, 1 << bits)
         at_or_above = jnp.cumsum(hist[:, ::-1], axis=-1)[:, ::-1]  # (n, bins) non-increasing
         chosen = (at_or_above >= rem[:, None]).sum(-1) - 1  # the largest digit whose count reaches rem
         above = jnp.take_along_axis(jnp.pad(at_or_above, ((0, 0), (0, 1))), chosen[:, None] + 1, -1)[:, 0]
