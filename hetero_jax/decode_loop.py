@@ -101,7 +101,7 @@ def prefill_once(params, tokens, *, config: LlamaConfig, pad_multiple: int = PAD
     """Run the prompts through the model once, keeping every layer's q, k, v, so that several cache
     policies can be compared on the same forward pass (``RunOptions(prefilled=...)``)."""
     padded, lengths = pad_prompts(tokens, pad_id, pad_multiple)
-    args = (params, jnp.asarray(padded), jnp.asarray(lengths))
+    args = (model.as_params(params), jnp.asarray(padded), jnp.asarray(lengths))
     t0 = time.perf_counter()
     exe = compiled(_qkv_fn(config), *args)
     compile_s = time.perf_counter() - t0
