@@ -82,8 +82,9 @@ def test_mesh_tokens_equal_single_device(setup, name, mesh_spec):
     layer = got.cache.layers[0]
     assert len(got.stats["per_device_bytes"]) >= n
     if name == "hetero":  # the pool splits over the batch only, the satellites' host copy too
-        assert layer.k.sharding.spec in (P("data"), P("data", None, None)) or data == 1
-        assert _shard_bytes(layer.k) == [layer.k.nbytes // data]
+        for block in (layer.full_k, layer.comp_k):
+            assert block.sharding.spec in (P("data"), P("data", None, None)) or data == 1
+            assert _shard_bytes(block) == [block.nbytes // data]
         host = got.cache.host.kv[0]
         assert _shard_bytes(host[0]) == [host[0].nbytes // data]
         assert host[0].sharding.memory_kind == "pinned_host"
