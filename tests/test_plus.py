@@ -323,3 +323,29 @@ def test_cli_generate_runs(capsys, cache):
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["cache"]["policy"] == cache and len(out["tokens"]) == 4
+
+
+# ------------------------------------------------------------------------------------ fitted profile
+def test_fit_sim_threshold_picks_nearest_threshold_within_the_fraction(seed):
+    from hetero_jax.profiling import SIM_GRID, classify, fit_sim_threshold
+
+    rng = np.random.default_rng(seed)
+    layers, hkv, k, t = 4, 3, 40, 200
+    base = rng.permutation(t)[:k]
+    pre = np.empty((layers, 1, hkv, k), np.int64)
+    for l in range(layers):  # heads share a random part of one set: overlaps spread over (0, 1)
+        for h in range(hkv):
+            share = int(rng.integers(0, k + 1))
+            rest = rng.permutation(np.setdiff1d(np.arange(t), base[:share]))[: k - share]
+            pre[l, 0, h] = np.concatenate([base[:share], rest])
+    dec = np.stack([pre] * 3)  # stable heads: unique heads become anchors
+    dec[:, 0, 0, 0] = rng.permutation(t)[:k]  # ... except one volatile head
+    frac = {thr: np.mean([r in ("pivot", "volatile") for layer in classify(pre, dec, sim_threshold=thr)[0]
+                          for r in layer]) for thr in SIM_GRID}
+    target = float(rng.choice(sorted(set(frac.values()))))
+    got = fit_sim_threshold(pre, dec, max_full_fraction=target, sim_threshold=0.5)
+    ok = [thr for thr in SIM_GRID if frac[thr] <= target]
+    assert frac[got] <= target
+    assert abs(got - 0.5) == min(abs(thr - 0.5) for thr in ok)
+    with pytest.raises(ValueError, match="no similarity threshold"):
+        fit_sim_threshold(pre, dec, max_full_fraction=min(frac.values()) / 2)
