@@ -29,7 +29,7 @@ ruler 2
 fidelity 4096 2
 ruler 4
 fidelity 8192 2
-for n in 6 8 10 12; do [ "$n" -le "$SAMPLES" ] && ruler "$n"; done
+for n in 6 8 10 12; do if [ "$n" -le "$SAMPLES" ]; then ruler "$n"; fi; done
 for n in 4 8 16; do
   if [ "$n" -le "$WINDOWS" ]; then fidelity 4096 "$n"; fidelity 8192 "$n"; fi
 done
