@@ -50,11 +50,11 @@ DECODE_TARGETS = (
 )
 _EARLIER = "earlier SUMMARY.md"  # the hand-written summary stated these without citing an issue
 ACCURACY_TARGETS = (
-    ("ruler_pct_of_full", dict(policy="hetero:0.5", length=4096, min=99.0), _EARLIER),
-    ("ruler_above", dict(policy="hetero:0.5", other="snapkv:0.5", length=4096), _EARLIER),
-    ("refresh_share", dict(policy="hetero:0.5", length=4096, max=20.0), _EARLIER),
-    ("top1_loss", dict(policy="hetero:0.5", other="hetero:0.5:threshold=1:steps=1", length=4096, max=0.5),
-     _EARLIER),
+    ("ruler_pct_of_full", dict(policy="hetero:0.5", length=4096, min=99.0, source="smollm2"), _EARLIER),
+    ("ruler_above", dict(policy="hetero:0.5", other="snapkv:0.5", length=4096, source="smollm2"), _EARLIER),
+    ("refresh_share", dict(policy="hetero:0.5", length=4096, max=20.0, source="smollm2"), _EARLIER),
+    ("top1_loss", dict(policy="hetero:0.5", other="hetero:0.5:threshold=1:steps=1", length=4096, max=0.5,
+                       source="smollm2"), _EARLIER),
     # issue #13, on its evaluation folder (the RULER tasks where full KV scores > 20 at 4K)
     ("ruler_pct_of_full", dict(policy="hetero_plus:0.5", length=4096, min=95.0, source="smollm2-plus"), "#13"),
     ("ruler_paired_above", dict(policy="hetero_plus:0.5", other="snapkv:0.5", length=4096, source="smollm2-plus"),
@@ -383,7 +383,7 @@ ACCURACY_CHECKS = {
     "fidelity_at_least": (fidelity_at_least, "accuracy", "{policy} teacher-forced top-1 >= {other}'s and KL <= "
                                                          "its, {length} tokens"),
     "refresh_share": (refresh_share, "accuracy", "{policy} drift refresh on <= {max:g}% of pivot checks "
-                                                 "(fidelity), {length} tokens"),
+                                                 "(fidelity), {length} tokens; host->device traffic per token"),
     "top1_loss": (top1_loss, "accuracy", "{policy} loses <= {max:g}% top-1 agreement against {other} "
                                          "(fidelity), {length} tokens"),
 }
