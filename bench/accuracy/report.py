@@ -192,7 +192,8 @@ def refresh_stats(rows: list[dict]) -> list[dict]:
         out.append({"label": lb, "length": length, "n": len(rs), "refreshes": refreshes, "checks": checks,
                     "pct_of_checks": 100 * refreshes / checks,
                     "mib_moved": _mean(r["stats"]["bytes_moved"] for r in rs) / 2**20,
-                    "kib_per_token": _mean(r["stats"]["bytes_moved"] / r["metrics"]["positions"] for r in rs) / 2**10,
+                    "kib_per_token": _mean(r["stats"]["bytes_moved"] / r["metrics"].get("positions", math.nan)
+                                           for r in rs) / 2**10,  # per decode step of a fidelity window
                     "kl_mean": m("kl_mean"), "top1_pct": 100 * m("top1_agreement")})
     return out
 
