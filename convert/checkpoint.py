@@ -35,7 +35,8 @@ from convert.config import ConfigError, LlamaConfig
 from convert.from_gguf import GGUF_MAGIC, load_gguf
 from convert.interrupts import cleanup_pending
 from convert.hf import INDEX_FILE, load_hf, safetensors_files
-from convert.params import abstract_params
+from convert.params import abstract_params, param_shapes
+from convert.sharding import make_mesh, param_shardings, shard_params
 from convert.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 FORMAT = "hetero-jax-converted"
@@ -112,18 +113,23 @@ def _writing(dst: Path):
 
 
 def restore_params(path, cfg: LlamaConfig, dtype="float32",
-                   remedy: str = "delete the folder and convert again") -> dict:
+                   remedy: str = "delete the folder and convert again", mesh=None) -> dict:
     """Read params saved by ``save_params`` into exactly the ``abstract_params(cfg)`` structure.
 
-    Values are bit-exact when ``dtype`` is the stored one (orbax casts otherwise).
+    Values are bit-exact when ``dtype`` is the stored one (orbax casts otherwise). With ``mesh``
+    each leaf is restored straight into its tensor-parallel layout (``convert.sharding``): every
+    process reads only the shards its devices hold.
     """
     import orbax.checkpoint as ocp
 
     path = existing_path(path, "convert the model first (convert.convert)").absolute()
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_params(cfg, as_dtype(dtype))
-    )
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), param_shapes(cfg),
+                                 is_leaf=lambda x: isinstance(x, tuple))
+    else:
+        shardings = param_shardings(cfg, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract_params(cfg, as_dtype(dtype)), shardings)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             return ckpt.restore(path, target)
@@ -181,7 +187,8 @@ def check_finite(params, source: str, remedy: str) -> None:
     """Refuse weights with NaN or inf: on CPU a min/max pass over each tensor in place, on an
     accelerator one jitted reduction (no copy to the host)."""
     leaves = jax.tree.leaves(params)
-    on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())())
+    on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())()) and all(
+        getattr(x, "is_fully_addressable", True) for x in leaves)
     flags = [_is_finite_leaf(x) for x in leaves] if on_cpu else np.asarray(_finite_flags(leaves)).tolist()
     if all(flags):
         return
@@ -303,7 +310,7 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def _load_converted(path: Path, dtype, remedy: str) -> LoadedModel:
+def _load_converted(path: Path, dtype, remedy: str, mesh) -> LoadedModel:
     meta = read_meta(path)
     if not verify_folder(path, meta, remedy):
         log.warning("%s was converted by an earlier hetero-jax without checksums, so damage cannot be detected; "
@@ -315,20 +322,32 @@ def _load_converted(path: Path, dtype, remedy: str) -> LoadedModel:
         cfg = LlamaConfig.from_dict(raw)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, ConfigError, TypeError) as e:
         raise ConvertError(f"{path / 'config.json'}: unreadable ({e}); {remedy}") from e
-    params = restore_params(path / PARAMS_DIR, cfg, dtype or meta["dtype"], remedy)
+    params = restore_params(path / PARAMS_DIR, cfg, dtype or meta["dtype"], remedy, mesh)
     cast = dtype is not None and as_dtype(dtype).name != meta["dtype"]
     why = f"they overflow {as_dtype(dtype).name}: load them as {meta['dtype']}" if cast else remedy
     check_finite(params, str(path), why)
     return LoadedModel(cfg, params, load_tokenizer(path, converted=True), path)
 
 
-def load_model(spec, dtype=None, progress=None) -> LoadedModel:
+def load_model(spec, dtype=None, progress=None, mesh=None) -> LoadedModel:
     """Load a converted folder, an HF folder, a .gguf file, or "default" (fetched on first use).
 
     ``dtype`` None keeps a converted folder's stored dtype and loads other sources as float32.
+    ``mesh`` (a ``jax.sharding.Mesh`` with axes data, model, or a spec like "data=2,model=4"):
+    the params come back sharded for tensor parallelism (``convert.sharding``), and ``generate``
+    runs on that mesh.
     """
     if dtype is not None:
         as_dtype(dtype)  # a typo should fail before a long download or load
+    if mesh is not None:
+        mesh = make_mesh(mesh)  # a bad spec or too few devices fail before the load
+    model = _load_model(spec, dtype, progress, mesh)
+    if mesh is not None and model.params is not None:
+        model.params = shard_params(model.params, model.cfg, mesh)  # a no-op for a sharded restore
+    return model
+
+
+def _load_model(spec, dtype, progress, mesh) -> LoadedModel:
     if isinstance(spec, str) and spec == "default":
         spec = ensure_default_model(progress=progress)
     path = existing_path(spec, "pass a converted folder, an HF model folder, a .gguf file or 'default'")
@@ -340,7 +359,7 @@ def load_model(spec, dtype=None, progress=None) -> LoadedModel:
         cfg, params, tok = load_gguf(path, dtype or "float32", progress)
         return LoadedModel(cfg, params, tok, path)
     if (path / META_FILE).is_file():
-        return _load_converted(path, dtype, remedy)
+        return _load_converted(path, dtype, remedy, mesh)
     if (path / PARAMS_DIR).exists():
         raise ConvertError(
             f"{path}: has {PARAMS_DIR}/ but no {META_FILE}, so the conversion never finished (or the folder "

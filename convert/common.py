@@ -173,6 +173,19 @@ def writable_dir(folder: Path, what: Path) -> None:
         raise ConvertError(f"cannot write {what}: {folder} is not writable; choose a destination you can write to")
 
 
+def make_temp_dir(tmp: Path, dst: Path) -> None:
+    """Create ``tmp`` with signals held: call it inside the ``try`` whose ``finally`` removes ``tmp``.
+
+    A Ctrl-C landing between a bare ``mkdir`` and the ``try`` after it would skip that ``finally``
+    and leave the folder behind (seen under load in tests/test_reliability.py).
+    """
+    try:
+        with signals_deferred():
+            tmp.mkdir()
+    except OSError as e:
+        raise ConvertError(f"cannot write {dst}: {e.strerror or e}; choose a destination you can write to") from e
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: Path, overwrite: bool):
     """Yield a temp sibling of ``dst`` to fill; on success it replaces ``dst`` in one rename.
@@ -190,10 +203,7 @@ def atomic_dir(dst: Path, overwrite: bool):
         remove_stale_temps(dst.parent, dst.name)
         tmp = temp_sibling(dst)
         try:
-            tmp.mkdir()
-        except OSError as e:
-            raise ConvertError(f"cannot write {dst}: {e.strerror or e}; choose a destination you can write to") from e
-        try:
+            make_temp_dir(tmp, dst)
             yield tmp
             with signals_deferred():  # both renames or neither
                 if dst.exists():  # rename cannot replace a non-empty folder: move the old one aside first

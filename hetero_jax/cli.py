@@ -30,6 +30,16 @@ def _add_model_arg(p):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: as stored)")
 
 
+def _add_mesh_args(p):
+    p.add_argument("--mesh", default=None, help="run on a device mesh, e.g. data=2,model=4: the batch split over "
+                   "'data', attention heads, MLP and KV cache over 'model' (tensor parallelism); model must "
+                   "divide the model's KV heads")
+    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0 (or 'auto' on a "
+                   "cluster jax detects, e.g. SLURM); run the same command on every host")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero-jax",
@@ -83,6 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    _add_mesh_args(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("profile", add_help=False, help="profile attention heads into a HeteroCache profile JSON "
@@ -91,10 +102,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(spec: str, dtype: str | None):
+def _load(spec: str, dtype: str | None, mesh: str | None = None):
     import convert
 
-    return convert.load_model(spec, dtype=dtype)
+    return convert.load_model(spec, dtype=dtype, mesh=mesh)
+
+
+def _join(args) -> None:
+    """``--coordinator``: join the multi-process run before any device is touched."""
+    if args.coordinator is None:
+        if args.num_processes is not None or args.process_id is not None:
+            raise ValueError("--num-processes / --process-id need --coordinator HOST:PORT")
+        return
+    from hetero_jax.sharding import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def _cmd_fetch_default(args) -> int:
@@ -139,7 +161,8 @@ def _cmd_generate(args) -> int:
     text = _read_prompt(args)
     if not text.strip():
         raise GenerationError("empty prompt: give some text with --prompt or --prompt-file")
-    m = _load(args.model, args.dtype)
+    _join(args)
+    m = _load(args.model, args.dtype, args.mesh)
     tok = m.tokenizer
     if tok is None:
         raise GenerationError(f"{m.path} has no tokenizer (its source had none), so text cannot be turned into "

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.config import LlamaConfig
-from hetero_jax import model
+from hetero_jax import model, sharding
 from hetero_jax.cache.base import Cache, CachePolicy, compiled, round_up
 
 PAD_MULTIPLE = 128  # prompts are right-padded to this, bounding recompiles and padding waste
@@ -101,7 +101,11 @@ def prefill_once(params, tokens, *, config: LlamaConfig, pad_multiple: int = PAD
     """Run the prompts through the model once, keeping every layer's q, k, v, so that several cache
     policies can be compared on the same forward pass (``RunOptions(prefilled=...)``)."""
     padded, lengths = pad_prompts(tokens, pad_id, pad_multiple)
-    args = (params, jnp.asarray(padded), jnp.asarray(lengths))
+    params = model.as_params(params)
+    mesh = sharding.params_mesh(params)
+    if mesh is not None:
+        sharding.check_batch(mesh, len(lengths))
+    args = (params, *_inputs(mesh, padded, lengths))
     t0 = time.perf_counter()
     exe = compiled(_qkv_fn(config), *args)
     compile_s = time.perf_counter() - t0
@@ -153,8 +157,13 @@ def run(params, tokens, *, config: LlamaConfig, policy: CachePolicy, steps: int,
     """Prefill ``tokens`` (id lists, ragged) with ``policy``, sample a first token, then ``steps``
     decode steps. ``feed`` (steps, B): teacher forcing, step i's input is ``feed[i]`` instead of
     the last sampled token. ``record(logits, cache)`` (a module-level function, traced into the
-    step) is kept for the prefill and every step. Raises GenerationError on non-finite logits."""
+    step) is kept for the prefill and every step. Raises GenerationError on non-finite logits.
+    Params sharded on a mesh (``convert.sharding``) run the whole loop on that mesh: the batch
+    over ``data``, heads over ``model`` (``hetero_jax.sharding``)."""
     padded, lengths = pad_prompts(tokens, pad_id, options.pad_multiple)
+    mesh = sharding.params_mesh(params)
+    if mesh is not None:
+        sharding.check_run(config, policy, mesh, len(lengths))
     need = steps + (feed is None)  # new tokens the cache must hold (a fed run does not sample a last one)
     reserve = need if options.reserve_new_tokens is None else options.reserve_new_tokens
     if reserve < need:
@@ -167,7 +176,7 @@ def run(params, tokens, *, config: LlamaConfig, policy: CachePolicy, steps: int,
         )
     key = jax.random.PRNGKey(seed)
     logits, cache, timing = _prefill(params, padded, lengths, config, policy, reserve, options.prefilled,
-                                     progress and longest >= 2048)
+                                     progress and longest >= 2048, mesh)
     t0 = time.perf_counter()
     first = sample_tokens(logits, jax.random.fold_in(key, 0), sampling)
     cache = policy.after_prefill(cache)
@@ -183,12 +192,17 @@ def run(params, tokens, *, config: LlamaConfig, policy: CachePolicy, steps: int,
     b = len(lengths)
     done = jnp.isin(first, jnp.asarray(stop, jnp.int32)) if stop else jnp.zeros((b,), bool)
     state = LoopState(first, done, jnp.full((b, reserve), -1, jnp.int32).at[:, 0].set(first), jnp.int32(-1))
-    feed = None if feed is None else jnp.asarray(np.asarray(feed, np.int32).reshape(steps, b))
+    feed = None if feed is None else np.asarray(feed, np.int32).reshape(steps, b)
+    if mesh is not None:  # the layout the compiled step keeps its carry in
+        state = jax.device_put(state, _state_shardings(mesh))
+        feed = None if feed is None else sharding.place(feed, jax.NamedSharding(mesh, sharding.P(None, sharding.DATA)))
+    elif feed is not None:
+        feed = jnp.asarray(feed)
     n, per_step = 0, []
     t0 = time.perf_counter()
     if steps > 0:
         device_part = functools.partial(dataclasses.replace, host=None)  # host arrays stay out of the step
-        exe = compiled(_step_fn(config, policy, sampling, stop, record), params, device_part(cache), state, key)
+        exe = compiled(_step_fn(config, policy, sampling, stop, record, mesh), params, device_part(cache), state, key)
         timing["decode_compile_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for i in _bar(range(steps), progress, "decode", "tok"):
@@ -226,16 +240,24 @@ def _check_finite(bad: int, steps: int) -> None:
                               "hold NaN/inf values")
 
 
-def _prefill(params, padded, lengths, cfg, policy, reserve, prefilled, show_layers):
+def _inputs(mesh, padded, lengths):
+    """The prompts on the device(s): split over ``data`` on a mesh."""
+    if mesh is None:
+        return jnp.asarray(padded), jnp.asarray(lengths)
+    return sharding.place_batch(padded, mesh), sharding.place_batch(lengths, mesh)
+
+
+def _prefill(params, padded, lengths, cfg, policy, reserve, prefilled, show_layers, mesh):
     """-> (logits, cache, timing) with the forward pass (or the build from ``prefilled``) compiled
     ahead of time and timed apart from its compilation."""
     t0 = time.perf_counter()
+    tokens, lengths = _inputs(mesh, padded, lengths)
     if prefilled is not None:
         if prefilled.padded.shape != padded.shape or not np.array_equal(prefilled.padded, padded):
             raise GenerationError("prefilled= was computed for other tokens or another pad_multiple")
-        fn, args = _build_fn(policy, reserve), (prefilled.qkv, jnp.asarray(lengths))
+        fn, args = _build_fn(policy, reserve, mesh), (prefilled.qkv, lengths)
     else:
-        fn, args = _prefill_fn(cfg, policy, reserve, show_layers), (params, jnp.asarray(padded), jnp.asarray(lengths))
+        fn, args = _prefill_fn(cfg, policy, reserve, show_layers, mesh), (params, tokens, lengths)
     exe = compiled(fn, *args)
     timing = {"prefill_compile_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
@@ -271,15 +293,37 @@ def _bar(it, show: bool, desc: str, unit: str, total=None):
     return tqdm(it, total=total, desc=desc, unit=unit, leave=False)
 
 
-@functools.lru_cache(maxsize=32)
-def _prefill_fn(cfg: LlamaConfig, policy: CachePolicy, max_new: int, progress: bool):
-    return jax.jit(functools.partial(model.prefill, cfg=cfg, policy=policy, max_new_tokens=max_new,
-                                     progress=_tick_layer if progress else None))
+def _state_shardings(mesh) -> LoopState:
+    """The carry on a mesh: per-sequence flags over ``data``; tokens and the error step replicated
+    (small, and readable by every process under ``jax.distributed``)."""
+    batch, whole = jax.NamedSharding(mesh, sharding.P(sharding.DATA)), jax.NamedSharding(mesh, sharding.P())
+    return LoopState(batch, batch, whole, whole)
+
+
+def _pinned(mesh, policy, logits, cache):
+    """Prefill outputs in the mesh layout (identity without a mesh)."""
+    if mesh is None:
+        return logits, cache
+    return sharding.constrain(logits, mesh, sharding.P(sharding.DATA)), sharding.constrain_cache(cache, policy, mesh)
 
 
 @functools.lru_cache(maxsize=32)
-def _build_fn(policy: CachePolicy, max_new: int):
-    return jax.jit(functools.partial(model.build_cache, policy=policy, max_new_tokens=max_new))
+def _prefill_fn(cfg: LlamaConfig, policy: CachePolicy, max_new: int, progress: bool, mesh=None):
+    def prefill(params, tokens, lengths):
+        out = model.prefill(params, tokens, lengths, cfg=cfg, policy=policy, max_new_tokens=max_new,
+                            progress=_tick_layer if progress else None)
+        return _pinned(mesh, policy, *out)
+
+    return jax.jit(prefill)
+
+
+@functools.lru_cache(maxsize=32)
+def _build_fn(policy: CachePolicy, max_new: int, mesh=None):
+    def build(qkv, lengths):
+        cache = model.build_cache(qkv, lengths, policy=policy, max_new_tokens=max_new)
+        return cache if mesh is None else sharding.constrain_cache(cache, policy, mesh)
+
+    return jax.jit(build)
 
 
 @functools.lru_cache(maxsize=8)
@@ -288,7 +332,7 @@ def _qkv_fn(cfg: LlamaConfig):
 
 
 @functools.lru_cache(maxsize=32)
-def _step_fn(cfg: LlamaConfig, policy: CachePolicy, sampling: Sampling, stop: tuple[int, ...], record):
+def _step_fn(cfg: LlamaConfig, policy: CachePolicy, sampling: Sampling, stop: tuple[int, ...], record, mesh=None):
     stop_arr = np.asarray(stop, np.int32)
 
     def step(params, cache, s: LoopState, key):
@@ -298,6 +342,11 @@ def _step_fn(cfg: LlamaConfig, policy: CachePolicy, sampling: Sampling, stop: tu
         out = s.out.at[:, i + 1].set(jnp.where(s.done, -1, nxt), mode="drop")
         done = s.done | jnp.isin(nxt, stop_arr) if stop else s.done
         bad = jnp.where((s.bad < 0) & ~jnp.isfinite(logits).all(), i, s.bad)
-        return cache, LoopState(nxt, done, out, bad), record(logits, cache) if record else None
+        rec = record(logits, cache) if record else None
+        s = LoopState(nxt, done, out, bad)
+        if mesh is not None:  # outputs in the layout the step was compiled for, so the next call takes them
+            cache = sharding.constrain_cache(cache, policy, mesh)
+            s = jax.lax.with_sharding_constraint(s, _state_shardings(mesh))
+        return cache, s, rec
 
     return jax.jit(step, donate_argnums=(1, 2))

@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from convert.config import LlamaConfig
 from convert.interrupts import cleanup_pending
@@ -47,6 +49,8 @@ def weights_digest(params) -> str:
     h = hashlib.sha256()
     layers = params["layers"]
     for x in (params["embed"][:64], layers[0]["wk"], layers[-1]["wv"]):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # sharded over hosts: gather it first
+            x = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, PartitionSpec()))(x)
         h.update(np.ascontiguousarray(np.asarray(x, np.float32)).tobytes())
     return h.hexdigest()
 

@@ -88,7 +88,8 @@ def resolve_impl(impl: str | None = None, interpret: bool | None = None) -> str:
     return impl
 
 
-def gather_attention(q, k_pool, v_pool, lengths, *, starts=None, capacity=None, index=None, impl=None, interpret=None):
+def gather_attention(q, k_pool, v_pool, lengths, *, starts=None, capacity=None, index=None, impl=None, interpret=None,
+                     logit_heads=None, logit_rows=None):
     """Single-token GQA decode attention where each (batch, KV head) reads its own rows.
 
     q (B, Hkv, G, D); k_pool, v_pool (B, R, D) f32 or bf16; lengths (B, Hkv) int32 valid rows.
@@ -98,14 +99,23 @@ def gather_attention(q, k_pool, v_pool, lengths, *, starts=None, capacity=None, 
     Returns (B, Hkv, G, D) in q's dtype: softmax(q k^T / sqrt(D)) v with f32 accumulation;
     a head with no valid rows returns zeros. Rows past a head's length are never used; in the
     ``xla`` path they must hold finite values (they are multiplied by probability 0).
+
+    ``logit_heads`` (static tuple of heads, segment layout) with ``logit_rows`` (static int <= their
+    capacity): also return the same pass's scaled scores q.k / sqrt(D) of those heads over their
+    first ``logit_rows`` rows, (B, len(logit_heads), G, logit_rows) f32, -inf at rows past a head's
+    length -> (out, logits). HeteroCache's drift check scores its pivots from them.
     """
     which = resolve_impl(impl, interpret)
     starts = None if starts is None else tuple(int(x) for x in starts)  # static: hashable ints
     capacity = None if capacity is None else tuple(int(x) for x in capacity)
+    logits = {} if logit_heads is None else dict(logit_heads=tuple(int(h) for h in logit_heads),
+                                                 logit_rows=int(logit_rows) if logit_rows is not None else None)
     if which == "xla":
-        return gather_attention_reference(q, k_pool, v_pool, lengths, starts=starts, capacity=capacity, index=index)
+        return gather_attention_reference(q, k_pool, v_pool, lengths, starts=starts, capacity=capacity, index=index,
+                                          **logits)
     return gather_attention_pallas(
-        q, k_pool, v_pool, lengths, starts=starts, capacity=capacity, index=index, interpret=which == "interpret"
+        q, k_pool, v_pool, lengths, starts=starts, capacity=capacity, index=index, interpret=which == "interpret",
+        **logits
     )
 
 

@@ -41,14 +41,16 @@ def _triton_params(num_warps, num_stages):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _kernel(*refs, layout, block_k, split, num_rows, num_ids, scale, poisoned):
+def _kernel(*refs, layout, block_k, split, num_rows, num_ids, scale, poisoned, logit_cols):
     if layout == "index":
         len_ref, idx_ref, q_ref, k_ref, v_ref, *rest = refs
+    elif logit_cols:
+        len_ref, off_ref, cap_ref, slot_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
         len_ref, off_ref, cap_ref, q_ref, k_ref, v_ref, *rest = refs
     if poisoned:
-        rest = rest[3:]  # the aliased NaN buffers: the outputs below write every element
-    o_ref, m_ref, l_ref = rest
+        rest = rest[len(rest) // 2:]  # the aliased NaN buffers: the outputs below write every element
+    o_ref, m_ref, l_ref, *lg_ref = rest
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = len_ref[b, h]
     if layout == "index":
@@ -65,6 +67,14 @@ def _kernel(*refs, layout, block_k, split, num_rows, num_ids, scale, poisoned):
     gp, d = q.shape
     cdt = q.dtype
 
+    def put_logits(start, sc):  # this head's scores of rows [start, start + block_k), if it is asked for
+        if logit_cols:
+            slot = slot_ref[h]
+
+            @pl.when((slot >= 0) & (start < logit_cols))
+            def _():
+                lg_ref[0][b, slot, :, pl.ds(start, block_k)] = sc
+
     def body(j, carry):
         o, m, l = carry
         start = lo + j * block_k
@@ -80,6 +90,7 @@ def _kernel(*refs, layout, block_k, split, num_rows, num_ids, scale, poisoned):
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32) * scale
         sc = jnp.where(valid[None, :], sc, -jnp.inf)
+        put_logits(start, sc)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))  # finite: block j holds >= 1 valid row
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(sc - m_new[:, None])
@@ -94,6 +105,10 @@ def _kernel(*refs, layout, block_k, split, num_rows, num_ids, scale, poisoned):
         jnp.zeros((gp,), jnp.float32),
     )
     o, m, l = lax.fori_loop(0, nblocks, body, init)
+    if logit_cols:  # this split's logit columns past the head's rows: -inf
+        nfill = jnp.maximum((jnp.minimum(lo + split, logit_cols) - lo) // block_k, nblocks)
+        lax.fori_loop(nblocks, nfill, lambda j, c: (put_logits(lo + j * block_k, jnp.full((gp, block_k), -jnp.inf,
+                                                                                          jnp.float32)), c)[1], 0)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
@@ -115,13 +130,16 @@ def plan(max_rows: int, batch_heads: int, *, interpret: bool, block_k=None, num_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("starts", "capacity", "interpret", "block_k", "num_splits", "num_warps", "num_stages", "poison"),
+    static_argnames=("starts", "capacity", "interpret", "block_k", "num_splits", "num_warps", "num_stages", "poison",
+                     "logit_heads", "logit_rows"),
 )
 def gather_attention_pallas(q, k_pool, v_pool, lengths, *, starts=None, capacity=None, index=None,
                             interpret=False, block_k=None, num_splits=None, num_warps=4, num_stages=2,
-                            poison=False):
-    """Pallas gather_attention. ``poison`` aliases NaN-filled outputs to prove every element is written."""
-    layout = check_layout(q, k_pool, v_pool, lengths, starts, capacity, index)
+                            poison=False, logit_heads=None, logit_rows=None):
+    """Pallas gather_attention. ``poison`` aliases NaN-filled outputs to prove every element is written.
+    With ``logit_heads`` each block's scores are also stored, by the program that computed them,
+    into a (B, P, Gp, logit columns) output (columns rounded up to the block size)."""
+    layout = check_layout(q, k_pool, v_pool, lengths, starts, capacity, index, logit_heads, logit_rows)
     b, hkv, g, d = q.shape
     r = k_pool.shape[1]
     max_rows = index.shape[-1] if layout == "index" else max(capacity)
@@ -140,6 +158,13 @@ def gather_attention_pallas(q, k_pool, v_pool, lengths, *, starts=None, capacity
         args = [lengths, jnp.pad(index.astype(jnp.int32), ((0, 0), (0, 0), (0, pad)))]
     else:
         args = [lengths, jnp.asarray(starts, jnp.int32), jnp.asarray(capacity, jnp.int32)]
+    cols = 0
+    if logit_heads is not None:
+        cols = -(-max(logit_rows, 1) // bk) * bk
+        slots = [-1] * hkv
+        for i, h in enumerate(logit_heads):
+            slots[h] = i
+        args.append(jnp.asarray(slots, jnp.int32))
     in_specs = [any_spec] * len(args)
     args += [qp, k_pool, v_pool]
     in_specs += [pl.BlockSpec((None, None, gp, d), lambda i, j, s: (i, j, 0, 0)), any_spec, any_spec]
@@ -154,14 +179,17 @@ def gather_attention_pallas(q, k_pool, v_pool, lengths, *, starts=None, capacity
         pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
         pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
     ]
+    if cols:
+        out_shape.append(jax.ShapeDtypeStruct((b, len(logit_heads), gp, cols), jnp.float32))
+        out_specs.append(any_spec)
     aliases = {}
     if poison:
-        aliases = {len(args) + i: i for i in range(3)}
+        aliases = {len(args) + i: i for i in range(len(out_shape))}
         args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
         in_specs += out_specs
     kernel = functools.partial(_kernel, layout=layout, block_k=bk, split=split, num_rows=r, num_ids=max_rows,
-                               scale=1.0 / math.sqrt(d), poisoned=poison)
-    o, m, l = pl.pallas_call(
+                               scale=1.0 / math.sqrt(d), poisoned=poison, logit_cols=cols)
+    o, m, l, *lg = pl.pallas_call(
         kernel,
         grid=(b, hkv, ns),
         in_specs=in_specs,
@@ -172,7 +200,8 @@ def gather_attention_pallas(q, k_pool, v_pool, lengths, *, starts=None, capacity
         compiler_params=None if interpret else _triton_params(num_warps, num_stages),
         name=f"gather_attention_{layout}",
     )(*args)
-    return merge_splits(o, m, l)[:, :, :g].astype(q.dtype)
+    out = merge_splits(o, m, l)[:, :, :g].astype(q.dtype)
+    return (out, lg[0][:, :, :g, :logit_rows]) if cols else out
 
 
 def merge_splits(o, m, l):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 
-def check_layout(q, k_pool, v_pool, lengths, starts, capacity, index):
+def check_layout(q, k_pool, v_pool, lengths, starts, capacity, index, logit_heads=None, logit_rows=None):
     """Validate shapes once at trace time; return 'segment' or 'index'."""
     if q.ndim != 4 or k_pool.ndim != 3 or k_pool.shape != v_pool.shape:
         raise ValueError(f"want q (B,Hkv,G,D) and k/v pools (B,R,D); got {q.shape}, {k_pool.shape}, {v_pool.shape}")
@@ -23,6 +23,8 @@ def check_layout(q, k_pool, v_pool, lengths, starts, capacity, index):
     if k_pool.shape[0] != b or k_pool.shape[2] != d or lengths.shape != (b, hkv):
         raise ValueError(f"shape mismatch: q {q.shape}, pool {k_pool.shape}, lengths {lengths.shape}")
     if index is not None:
+        if logit_heads is not None:
+            raise ValueError("logit_heads needs the segment layout (starts/capacity), not index")
         if starts is not None:
             raise ValueError("give either index or starts/capacity, not both")
         if index.ndim != 3 or index.shape[:2] != (b, hkv):
@@ -36,6 +38,11 @@ def check_layout(q, k_pool, v_pool, lengths, starts, capacity, index):
     for s, c in zip(starts, capacity):
         if s < 0 or c < 0 or s + c > r:
             raise ValueError(f"segment [{s}, {s + c}) is outside the pool of {r} rows")
+    if logit_heads is not None:
+        bad = [h for h in logit_heads if not 0 <= h < hkv or logit_rows is None or not 0 <= logit_rows <= capacity[h]]
+        if bad or len(set(logit_heads)) != len(logit_heads):
+            raise ValueError(f"logit_heads must be distinct heads in [0, {hkv}) with logit_rows <= their capacity; "
+                             f"got heads {logit_heads}, rows {logit_rows}, capacity {capacity}")
     return "segment"
 
 
@@ -59,20 +66,23 @@ def _softmax(s, valid):
     return p, jnp.sum(p, axis=-1, keepdims=True)
 
 
-def attend(q, k, v, lengths):
-    """Masked decode attention. q (B,H,G,D), k/v (B,H,C,D), lengths (B,H) -> (B,H,G,D) f32.
+def attend(q, k, v, lengths, logits: bool = False):
+    """Masked decode attention. q (B,H,G,D), k/v (B,H,C,D), lengths (B,H) -> (B,H,G,D) f32, and
+    with ``logits`` also the scaled scores q.k / sqrt(D) (B,H,G,C) f32, -inf at rows past ``lengths``.
 
     Rows at or past ``lengths`` get probability exactly 0 (they must hold finite values).
     """
     dt = _compute_dtype(q, k)
     s = jnp.einsum("bhgd,bhcd->bhgc", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
+    s = s * (1.0 / math.sqrt(q.shape[-1]))
     valid = (jnp.arange(k.shape[2], dtype=jnp.int32) < lengths[..., None])[:, :, None, :]  # (B,H,1,C)
-    p, l = _softmax(s * (1.0 / math.sqrt(q.shape[-1])), valid)
+    p, l = _softmax(s, valid)
     o = jnp.einsum("bhgc,bhcd->bhgd", p.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
-    return o / jnp.where(l > 0, l, 1.0)
+    o = o / jnp.where(l > 0, l, 1.0)
+    return (o, jnp.where(valid, s, -jnp.inf)) if logits else o
 
 
-def attend_pool(q, k_pool, v_pool, lengths, starts, capacity):
+def attend_pool(q, k_pool, v_pool, lengths, starts, capacity, logits: bool = False):
     """Segment layout without slicing: every head scores every pool row, then a per-head mask
     keeps its own segment. Reads K/V once (per-head slices get copied by XLA CPU) at H x the
     flops, which is a win while H*G is small and the segments fill most of the pool."""
@@ -82,9 +92,11 @@ def attend_pool(q, k_pool, v_pool, lengths, starts, capacity):
     end = st + jnp.minimum(lengths, jnp.asarray(capacity, jnp.int32))[..., None]
     valid = ((rows >= st) & (rows < end))[:, :, None, :]  # (B,H,1,R)
     s = jnp.einsum("bhgd,brd->bhgr", q.astype(dt), k_pool.astype(dt), preferred_element_type=jnp.float32)
-    p, l = _softmax(s * (1.0 / math.sqrt(q.shape[-1])), valid)
+    s = s * (1.0 / math.sqrt(q.shape[-1]))
+    p, l = _softmax(s, valid)
     o = jnp.einsum("bhgr,brd->bhgd", p.astype(dt), v_pool.astype(dt), preferred_element_type=jnp.float32)
-    return o / jnp.where(l > 0, l, 1.0)
+    o = o / jnp.where(l > 0, l, 1.0)
+    return (o, jnp.where(valid, s, -jnp.inf)) if logits else o
 
 
 def segment_strategy(starts, capacity, num_rows, group):
@@ -99,12 +111,14 @@ def segment_strategy(starts, capacity, num_rows, group):
     return "per_head"
 
 
-@functools.partial(jax.jit, static_argnames=("starts", "capacity"))
-def gather_attention_reference(q, k_pool, v_pool, lengths, *, starts=None, capacity=None, index=None):
+@functools.partial(jax.jit, static_argnames=("starts", "capacity", "logit_heads", "logit_rows"))
+def gather_attention_reference(q, k_pool, v_pool, lengths, *, starts=None, capacity=None, index=None,
+                               logit_heads=None, logit_rows=None):
     """Pure-jnp gather_attention (same contract as ``pallas_kernels.gather_attention``)."""
-    layout = check_layout(q, k_pool, v_pool, lengths, starts, capacity, index)
+    layout = check_layout(q, k_pool, v_pool, lengths, starts, capacity, index, logit_heads, logit_rows)
     b, hkv, g, d = q.shape
     lengths = lengths.astype(jnp.int32)
+    want = logit_heads is not None
     if layout == "index":
         kk = index.shape[-1]
         valid = jnp.arange(kk, dtype=jnp.int32) < lengths[..., None]
@@ -115,21 +129,33 @@ def gather_attention_reference(q, k_pool, v_pool, lengths, *, starts=None, capac
         return attend(q, ks, vs, lengths).astype(q.dtype)
     strategy = segment_strategy(starts, capacity, k_pool.shape[1], g)
     if strategy == "pool":
-        return attend_pool(q, k_pool, v_pool, lengths, starts, capacity).astype(q.dtype)
+        out = attend_pool(q, k_pool, v_pool, lengths, starts, capacity, logits=want)
+        if not want:
+            return out.astype(q.dtype)
+        out, s = out
+        lg = jnp.stack([s[:, h, :, starts[h]: starts[h] + logit_rows] for h in logit_heads], 1)
+        return out.astype(q.dtype), lg
     if strategy == "uniform":
         s0, c = starts[0], capacity[0]
         ks = k_pool[:, s0 : s0 + hkv * c].reshape(b, hkv, c, d)  # free when the pool is exactly the heads
         vs = v_pool[:, s0 : s0 + hkv * c].reshape(b, hkv, c, d)
-        return attend(q, ks, vs, lengths).astype(q.dtype)
-    outs = []
+        out = attend(q, ks, vs, lengths, logits=want)
+        if not want:
+            return out.astype(q.dtype)
+        out, s = out
+        return out.astype(q.dtype), s[:, jnp.asarray(logit_heads, jnp.int32), :, :logit_rows]
+    outs, lgs = [], {}
     for h, (s, c) in enumerate(zip(starts, capacity)):
         if c == 0:
             outs.append(jnp.zeros((b, 1, g, d), jnp.float32))
             continue
-        outs.append(
-            attend(q[:, h : h + 1], k_pool[:, None, s : s + c], v_pool[:, None, s : s + c], lengths[:, h : h + 1])
-        )
-    return jnp.concatenate(outs, axis=1).astype(q.dtype)
+        o = attend(q[:, h : h + 1], k_pool[:, None, s : s + c], v_pool[:, None, s : s + c], lengths[:, h : h + 1],
+                   logits=want and h in logit_heads)
+        if isinstance(o, tuple):
+            o, lgs[h] = o[0], o[1][:, 0, :, :logit_rows]
+        outs.append(o)
+    out = jnp.concatenate(outs, axis=1).astype(q.dtype)
+    return (out, jnp.stack([lgs[h] for h in logit_heads], 1)) if want else out
 
 
 @jax.jit

@@ -24,6 +24,12 @@ def test_speed_profile_reuses_shipped_roles_or_synthesizes():
     assert syn.counts() == {"pivot": 32, "satellite": 64, "anchor": 160, "volatile": 0, "full": 32, "total": 256}
     syn.validate()
     make_policy("hetero", big, ratio=0.25, profile=syn)  # r = 0.25 is reachable on the synthetic mix
+    small = LlamaConfig(**decode.PRESETS["llama-3.2-1b"])  # issue #12's KV-dominated shape
+    assert (small.num_layers, small.num_heads, small.num_kv_heads, small.head_dim) == (16, 32, 8, 64)
+    pol = make_policy("hetero", small, ratio=0.5, profile=decode.speed_profile(small))
+    t = 16384
+    alloc = sum(pol.plan(l, t, 1).prompt_slots(t) for l in range(16))
+    assert 0.5 * 128 * t * 0.999 <= alloc <= 0.5 * 128 * t * 1.05  # device rows within +5% of r x full
 
 
 def test_step_kinds_split_by_masks(seed):
@@ -55,3 +61,5 @@ def test_run_ours_tiny_rows(seed):
     assert all(not r or stats["check_step_mask"][i - 1] for i, r in enumerate(refresh))  # right after a check
     assert het["check_steps"] == 3 and het["refresh_steps"] == sum(refresh)
     assert {"check_step_ms", "refresh_step_ms", "other_step_ms"} <= set(het)
+    assert het["check_vs_other"] == pytest.approx(het["check_step_ms"] / het["other_step_ms"])
+    assert het["alloc_vs_budget"] == pytest.approx(stats["prompt_slots_device"] / (0.5 * stats["prompt_slots_full"]))

@@ -55,7 +55,7 @@ def hetero_programs(policy, cache, layers):
     states = tuple(cache.layers[l] for l in layers)
     kvs = tuple(cache.host.kv[l] for l in layers)
     kinds = tuple(kv[0].sharding.memory_kind for kv in kvs)
-    env = (policy, tuple((l, s.T, s.max_new) for l, s in zip(layers, states)), kinds, states[0].k.sharding)
+    env = (policy, tuple((l, s.T, s.max_new) for l, s in zip(layers, states)), kinds, states[0].full_k.sharding)
 
     def prog(fn):
         return functools.partial(fn, env)
@@ -87,7 +87,8 @@ def flat(fn, args, donate=()):
 def build_case(seed, policy_name):
     """{name: (callable, args, donated argument indices)} of every function this file exports for
     ``policy_name``, with concrete CPU arguments: prefill and decode; for hetero (check_impl
-    "topk", so the decode step runs both kernels) also the lag-1 "refresh" and the lag-2
+    "topk", so the decode step runs both kernels) also "decode_spread" (the default check: the
+    pivots' scores from the attention kernel's logit output), the lag-1 "refresh" and the lag-2
     "select" / "fetch" / "apply" programs over the same cache (lag changes only the programs)."""
     rng = np.random.default_rng(seed)
     cfg = make_cfg(layers=2, kv=4)
@@ -112,6 +113,10 @@ def build_case(seed, policy_name):
         forced = forced_refresh(rng, cache, layers)
         case.update(hetero_programs(policy, forced, layers))
         case.update(hetero_programs(dataclasses.replace(policy, lag=2), forced, layers))
+        spread = dataclasses.replace(policy, check_impl="spread")
+        _, sc = jax.jit(prefill_call(cfg, spread))(params, jnp.asarray(tokens), jnp.asarray(lengths))
+        sc = spread.after_prefill(sc)
+        case["decode_spread"] = (decode_call(cfg, spread), (params, dataclasses.replace(sc, host=None), tok), (1,))
     return case
 
 
@@ -161,6 +166,7 @@ def copies(leaves):
 KERNELS = {  # Pallas kernels each exported function must contain on the native path
     ("full", "prefill"): set(), ("full", "decode"): {"gather_attention_segment"},
     ("hetero", "prefill"): set(), ("hetero", "decode"): {"gather_attention_segment", "topk_overlap"},
+    ("hetero", "decode_spread"): {"gather_attention_segment"},
     ("hetero", "refresh"): set(), ("hetero", "select"): set(), ("hetero", "fetch"): set(), ("hetero", "apply"): set(),
 }
 
@@ -194,22 +200,25 @@ def test_cuda_export(cases, policy_name):
         assert export.deserialize(blob).mlir_module() == text
 
 
-@pytest.mark.parametrize("layout", ["segment", "index"])
+@pytest.mark.parametrize("layout", ["segment", "index", "segment+logits"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernel_cuda_export(layout, dtype):
-    """Both layouts and both cache dtypes of gather_attention lower to verified Triton IR."""
+    """Both layouts and both cache dtypes of gather_attention, and the segment layout's logit
+    output (drift scores), lower to verified Triton IR."""
     b, hkv, g, d, r = 2, 3, 3, 64, 200
     q = jax.ShapeDtypeStruct((b, hkv, g, d), dtype)
     pool = jax.ShapeDtypeStruct((b, r, d), dtype)
     lens = jax.ShapeDtypeStruct((b, hkv), jnp.int32)
-    if layout == "segment":
-        fn = jax.jit(lambda q, k, v, n: pk.gather_attention(q, k, v, n, starts=(0, 70, 140), capacity=(70, 70, 60)))
+    if layout.startswith("segment"):
+        logits = dict(logit_heads=(2, 0), logit_rows=50) if layout.endswith("logits") else {}
+        fn = jax.jit(lambda q, k, v, n: pk.gather_attention(q, k, v, n, starts=(0, 70, 140), capacity=(70, 70, 60),
+                                                            **logits))
         args = (q, pool, pool, lens)
     else:
         fn = jax.jit(lambda q, k, v, n, i: pk.gather_attention(q, k, v, n, index=i))
         args = (q, pool, pool, lens, jax.ShapeDtypeStruct((b, hkv, 45), jnp.int32))
     kernels = triton_kernels(export_for_gpu(fn, *args))
-    assert kernels == [(f"gather_attention_{layout}", True)]
+    assert kernels == [(f"gather_attention_{layout.split('+')[0]}", True)]
 
 
 # -------------------------------------------------------------------- known limitations (asserted)
@@ -281,4 +290,4 @@ def test_local_export_runs_like_jit(cases, policy_name):
             assert g.shape == w.shape and g.dtype == w.dtype, (name, i)
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6, err_msg=f"{name}[{i}]")
         if name in ("refresh", "apply"):  # the comparison above saw rows written from host memory
-            assert not np.array_equal(np.asarray(got[0]), np.asarray(leaves[0]))
+            assert not np.array_equal(np.asarray(got[2]), np.asarray(leaves[2]))  # leaf 2: a comp_k block

@@ -14,7 +14,9 @@ import pytest
 from convert.params import init_random_params
 from hetero_jax import model
 from hetero_jax.cache.hetero import HeteroCache
-from hetero_jax.cache.hetero_drift import rate_update, ref_overlap, topk_mask
+from hetero_jax.cache.hetero_drift import rate_update
+from hetero_jax.cache.hetero_pool import head_rows
+from hetero_jax.cache.topk_select import cut_overlap, topk_cut, topk_mask
 from tests.test_hetero import make_cfg, np_group_scores, prompts, random_profile
 
 
@@ -45,20 +47,27 @@ def test_topk_mask_is_exact_top_k_with_ties(seed):
     np.testing.assert_array_equal(batched.reshape(rows, t), mask)
 
 
-def test_ref_overlap_matches_numpy(seed):
+def test_cut_overlap_matches_numpy(seed):
+    """The overlap of a reference set with the current top-kb, from the current scores' cut (their
+    K-th key and last tied position) and the reference's own scores: numpy sets as the reference."""
     rng = np.random.default_rng(seed)
     b, w, p, t, kmax = 3, 4, 2, 97, 30
     kb = rng.integers(0, kmax + 1, b)
-    mask = rng.random((b, w, p, t)) < 0.4
+    kb[0] = kmax
+    s = np.round(rng.standard_normal((b, w, p, t)) * 3).astype(np.float32)  # many ties at the K-th value
+    s[1, :, :, t // 2:] = -1e30  # padding past a shorter prompt
     ref = np.full((b, p, kmax), -7, np.int32)
     for bi in range(b):
         for pi in range(p):
             ref[bi, pi, : kb[bi]] = rng.choice(t, kb[bi], replace=False)
-    got = np.asarray(ref_overlap(jnp.asarray(mask), jnp.asarray(ref)[:, None], jnp.asarray(kb)))
+    x = jnp.asarray(s)
+    cut = topk_cut(x, jnp.asarray(kb)[:, None, None])
+    got = np.asarray(cut_overlap(x, cut, jnp.asarray(ref)[:, None], jnp.asarray(kb)))
     for bi in range(b):
         for wi in range(w):
             for pi in range(p):
-                want = mask[bi, wi, pi, ref[bi, pi, : kb[bi]]].sum() / max(kb[bi], 1)
+                top = np_topk_set(s[bi, wi, pi], kb[bi])
+                want = len(top & set(ref[bi, pi, : kb[bi]].tolist())) / max(kb[bi], 1)
                 assert got[bi, wi, pi] == pytest.approx(want, abs=1e-7)
 
 
@@ -121,8 +130,11 @@ def drive(params, cfg, policy, tokens, lengths, n_steps, feed=None):
 
 
 def field(layer, name):
-    """A layer's pool array (k, v) or drift-state array by name."""
-    return getattr(layer, name) if name in ("k", "v") else getattr(layer.drift, name)
+    """A layer's block array (full_k, ..., comp_v) or drift-state array by name."""
+    return getattr(layer, name) if name in BLOCKS else getattr(layer.drift, name)
+
+
+BLOCKS = ("full_k", "full_v", "comp_k", "comp_v")
 
 
 def checks_at(policy, layer, n_steps):
@@ -148,7 +160,7 @@ def test_drift_check_matches_numpy_every_impl(seed, impl, stagger):
             ovs, lasts = [], []
             for bi, length in enumerate(lengths):
                 kb = prof.base_budget(0.5, length)
-                keys = after.k[bi, p.starts[pivot]:p.starts[pivot] + 256]
+                keys = np.asarray(head_rows(p, after, pivot)[0])[bi, :256]
                 ref = set(before.drift.ref[bi, 0, :kb].tolist())
                 sc = [np_group_scores(after.drift.qbuf[bi, w, 0], keys, length) for w in range(3)]
                 ovs.append([len(ref & np_topk_set(x, kb)) / kb for x in sc])
@@ -191,7 +203,7 @@ def test_check_impls_give_identical_decisions(seed):
             np.testing.assert_array_equal(a, b)
         for x, y in zip(runs[impl][2], runs["topk"][2]):
             for la, lb in zip(x.layers, y.layers):
-                for f in ("flag", "refreshes", "k", "v"):
+                for f in ("flag", "refreshes") + BLOCKS:
                     np.testing.assert_array_equal(field(la, f), field(lb, f), err_msg=f"{impl} {f}")
                 np.testing.assert_allclose(la.drift.overlap, lb.drift.overlap, rtol=1e-6, err_msg=f"{impl} overlap")
                 # the reference set (position order here, score order in topk; the same sentinels)
@@ -222,15 +234,17 @@ def test_lag2_writes_the_same_rows_one_step_later(seed):
             order = np.argsort(-chk.drift.req[bi, 0].astype(np.float64), kind="stable")
             for slot, j in enumerate(p.sats):
                 kj = int(chk.keep[bi, j])
-                seg = slice(p.starts[j], p.starts[j] + kj)
-                old = pre1[2].layers[l].k[bi, seg]
+                seg = slice(0, kj)
+                rows = {n: [np.asarray(x) for x in head_rows(p, c[s_].layers[l], j)] for n, c, s_ in
+                        (("pre1_2", pre1, 2), ("pre1_3", pre1, 3), ("pre2_3", pre2, 3), ("pre2_4", pre2, 4))}
+                old = rows["pre1_2"][0][bi, seg]
                 want_k = host[l][0][bi, slot, np.sort(order[:kj])] if chk.drift.flag[bi, 0] else old
                 want_v = (host[l][1][bi, slot, np.sort(order[:kj])] if chk.drift.flag[bi, 0]
-                          else pre1[2].layers[l].v[bi, seg])
-                np.testing.assert_array_equal(pre1[3].layers[l].k[bi, seg], want_k)  # lag 1: before step 3
-                np.testing.assert_array_equal(pre2[3].layers[l].k[bi, seg], old)  # lag 2: not yet
-                np.testing.assert_array_equal(pre2[4].layers[l].k[bi, seg], want_k)  # lag 2: before step 4
-                np.testing.assert_array_equal(pre2[4].layers[l].v[bi, seg], want_v)
+                          else rows["pre1_2"][1][bi, seg])
+                np.testing.assert_array_equal(rows["pre1_3"][0][bi, seg], want_k)  # lag 1: before step 3
+                np.testing.assert_array_equal(rows["pre2_3"][0][bi, seg], old)  # lag 2: not yet
+                np.testing.assert_array_equal(rows["pre2_4"][0][bi, seg], want_k)  # lag 2: before step 4
+                np.testing.assert_array_equal(rows["pre2_4"][1][bi, seg], want_v)
         for f in ("rows_moved", "refreshes", "checks"):
             np.testing.assert_array_equal(getattr(pre2[4].layers[l].drift, f), getattr(pre1[3].layers[l].drift, f))
         assert int(pre2[4].layers[l].drift.rows_moved[0]) == 2 * sum(p.caps[j] for j in p.sats)
@@ -322,7 +336,7 @@ def test_select_window_keeps_the_window_and_snapkv_votes(seed):
             pooled = np.stack([np.convolve(r, np.ones(5) / 5, mode="same") for r in probs]).max(0)[:n]
             order = [i for i in np.lexsort((np.arange(n), -pooled)) if i < n - ww]
             want = sorted(set(range(n - ww, n)) | set(order[: keeps[comp.index(h)] - ww]))
-            got_k = np.asarray(kv_w.k[b, p.starts[h]: p.starts[h] + keeps[comp.index(h)]])
+            got_k = np.asarray(head_rows(p, kv_w, h)[0])[b, : keeps[comp.index(h)]]
             np.testing.assert_allclose(got_k, k[b, want, h], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="select_window"):
         HeteroCache.create(cfg, ratio=0.5, profile=prof, select_window=0)

@@ -311,3 +311,46 @@ def test_kernels_lower_to_triton(dtype):
     ]
     for t in texts:
         assert "triton" in t
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("gaps,block_k,num_splits", [((0, 0, 0), 16, 1), ((3, 5, 0), 16, 3), ((0, 0, 0), 32, 2)])
+def test_logit_heads_output(seed, impl, gaps, block_k, num_splits):
+    """``logit_heads``: the same pass's scaled scores of the chosen heads over their first rows, -inf
+    past each head's length; the attention output unchanged. Pallas: interpret mode under jax.jit,
+    every output (logits included) NaN-poisoned first, rows past a head's length NaN in the pool."""
+    rng = np.random.default_rng(seed)
+    cap = (100, 100, 70)
+    lengths = np.stack([rng.integers(0, c + 1, size=2) for c in cap], 1)
+    lengths[0, 2], lengths[1, 0] = 0, cap[0]  # an empty head and a full one
+    q, k, v, lens, starts, cap = make_segment_case(rng, 2, 3, 3, 16, cap, gaps, jnp.float32, impl, lengths)
+    heads, rows = tuple(int(x) for x in rng.permutation([0, 2])), int(rng.integers(40, 71))
+    kw = dict(starts=starts, capacity=cap, logit_heads=heads, logit_rows=rows)
+    if impl == "xla":
+        out, lg = pk.gather_attention(q, k, v, lens, impl="xla", **kw)
+    else:
+        fn = jax.jit(lambda *a: gather_attention_pallas(*a, interpret=True, poison=True, block_k=block_k,
+                                                        num_splits=num_splits, **kw))
+        out, lg = fn(q, k, v, lens)
+    check(out, np_attention(q, k, v, lengths, lambda i, h: starts[h] + np.arange(lengths[i, h])), jnp.float32, lengths)
+    assert lg.shape == (2, len(heads), 3, rows) and lg.dtype == jnp.float32
+    lg = np.asarray(lg)
+    qd, kd = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    for i in range(2):
+        for j, h in enumerate(heads):
+            n = min(int(lengths[i, h]), rows)
+            want = qd[i, h] @ kd[i, starts[h]: starts[h] + n].T / 4.0
+            np.testing.assert_allclose(lg[i, j, :, :n], want, rtol=1e-5, atol=1e-5)
+            assert (lg[i, j, :, n:] == -np.inf).all()
+    with pytest.raises(ValueError, match="logit_heads"):
+        pk.gather_attention(q, k, v, lens, impl="xla", starts=starts, capacity=cap, logit_heads=(2,), logit_rows=71)
+
+
+def test_logit_heads_same_in_both_paths(seed):
+    """The XLA and Pallas passes give the same logits (the drift check's decisions do not depend on it)."""
+    rng = np.random.default_rng(seed)
+    q, k, v, lens, starts, cap = make_segment_case(rng, 2, 2, 3, 16, (64, 64), (0, 0), jnp.float32, "xla")
+    kw = dict(starts=starts, capacity=cap, logit_heads=(1,), logit_rows=48)
+    _, a = pk.gather_attention(q, k, v, lens, impl="xla", **kw)
+    _, b = pk.gather_attention(q, k, v, lens, impl="interpret", **kw)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

@@ -21,7 +21,9 @@ name in ``hetero_jax.cache``. The whole contract:
   held, plus policy counters.
 * ``name`` (class attribute): the registry name; ``needs_profile`` (class attribute): ``create``
   takes a ``profile`` of head roles measured on the model (benchmarks give random-weight models
-  a synthetic one).
+  a synthetic one); ``head_sharded`` (class attribute, default True): on a device mesh every
+  layer-state array of rank >= 2 is ``(B, Hkv, ...)``, split over batch (``data``) and KV heads
+  (``model``); False: batch-first only, split over ``data`` (``hetero_jax.sharding``).
 
 ``layer`` is a Python int (policies may store different shapes per layer). Host-memory arrays go
 in ``Cache.host``, which the decode loop keeps out of the jitted step.
@@ -89,7 +91,8 @@ _COMPILED: dict = {}
 def compiled(fn, *args):
     """Jitted ``fn`` compiled ahead of time for these argument shapes, once (so a caller can time
     compilation apart, or compile a program before it is first needed)."""
-    avals = jax.tree.map(lambda x: (x.shape, x.dtype) if hasattr(x, "shape") else x, args)
+    avals = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)) if hasattr(x, "shape") else x,
+                         args)
     key = (fn, jax.tree.structure(args), tuple(jax.tree.leaves(avals)))
     if key not in _COMPILED:
         if len(_COMPILED) > 128:
@@ -104,6 +107,7 @@ class CachePolicy:
 
     name: ClassVar[str] = "base"
     needs_profile: ClassVar[bool] = False
+    head_sharded: ClassVar[bool] = True
 
     @classmethod
     def create(cls, cfg, ratio: float | None = None, **options) -> "CachePolicy":
@@ -133,12 +137,16 @@ class CachePolicy:
 
 
 def scatter_token(buf: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
-    """Write one row per (batch, head): buf (B, H, S, D), index (B,) or (B, H), value (B, H, D)."""
+    """Write one row per (batch, head): buf (B, H, S, D), index (B,) or (B, H), value (B, H, D);
+    rows past S are dropped. (B, H) are batch dimensions of the scatter, so on a mesh each device
+    writes its own sequences' and heads' rows with no traffic."""
     b, h = buf.shape[:2]
-    index = jnp.broadcast_to(index.reshape(b, -1), (b, h))
-    bi = jnp.arange(b)[:, None]
-    hi = jnp.arange(h)[None, :]
-    return buf.at[bi, hi, index].set(value.astype(buf.dtype), mode="drop")
+    index = jnp.broadcast_to(index.reshape(b, -1), (b, h)).astype(jnp.int32)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(2,),
+                                           scatter_dims_to_operand_dims=(2,), operand_batching_dims=(0, 1),
+                                           scatter_indices_batching_dims=(0, 1))
+    return jax.lax.scatter(buf, index[..., None], value.astype(buf.dtype), dims,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -1,10 +1,12 @@
 """HeteroCache: per-head roles from a profile, compressed heads, drift-gated refresh from host.
 
 The method as the authors' code runs it (REFERENCE.md sections 2-4), split by concern:
-``hetero_pool`` (the static per-layer plan and the ragged device pool), ``hetero_monitor`` (token
-scores and the drift check, on device inside the decode step), ``hetero_refresh`` (satellites'
-prompt KV in host memory, refresh programs dispatched between steps without a host sync) and
-``hetero_drift`` (pure top-K arithmetic). This file holds the options and the policy interface.
+``hetero_pool`` (the static per-layer plan and the device blocks: full heads in one uniform
+block, compressed heads in another), ``hetero_monitor`` (token scores and the drift check, on
+device inside the decode step; the pivots' scores come from their own decode attention's logits,
+``drift_scores``), ``hetero_refresh`` (satellites' prompt KV in host memory, refresh programs
+dispatched between steps without a host sync), ``hetero_drift`` and ``topk_select`` (pure top-K
+arithmetic). This file holds the options and the policy interface.
 
 Options (defaults run the authors' method; the others are measured against them in bench/results/):
 ``steps``, ``threshold`` (a check every ``steps`` decode steps, refresh when a pivot's median
@@ -55,6 +57,7 @@ CHOICES = {"trigger": ("sequence", "batch"), "refresh_select": ("authors", "topk
 class HeteroCache(CachePolicy):
     name: ClassVar[str] = "hetero"
     needs_profile: ClassVar[bool] = True
+    head_sharded: ClassVar[bool] = False  # the ragged pool mixes heads: batch over ``data`` only
     roles: tuple = ()
     weights: tuple = ()
     clusters: tuple = ()
@@ -171,9 +174,10 @@ class HeteroCache(CachePolicy):
     def decode_layer(self, layer, st, q, k, v, cache: Cache):
         p = self.plan(layer, st.T, st.max_new)
         qg = q.reshape(k.shape[0], k.shape[1], -1, k.shape[2])
-        out, st = append_and_attend(p, st, qg, k, v, cache.step)
+        score_once = bool(p.monitored) and self.check_impl == "spread"  # the pivots' scores from this pass
+        out, st, logits = append_and_attend(p, st, qg, k, v, cache.step, logits=score_once)
         if p.monitored:
-            st = monitor(self, layer, p, st, qg, cache)
+            st = monitor(self, layer, p, st, qg, cache, logits)
             if st.pages is not None:
                 st = dataclasses.replace(st, pages=hetero_pages.update_scores(
                     self, p, st.pages, qg, checks_at(self, layer, cache.step)))
@@ -192,7 +196,7 @@ class HeteroCache(CachePolicy):
     def stats(self, cache: Cache) -> dict:
         out = super().stats(cache)
         per_pivot, per_layer = [], [0] * len(cache.layers)
-        row_bytes = 2 * cache.layers[0].k.shape[-1] * cache.layers[0].k.dtype.itemsize
+        row_bytes = 2 * cache.layers[0].full_k.shape[-1] * cache.layers[0].full_k.dtype.itemsize
         for l, st in enumerate(cache.layers):
             if st.drift is None:
                 continue
@@ -208,7 +212,10 @@ class HeteroCache(CachePolicy):
             "lag_steps": self.lag, "check_impl": self.check_impl, "stagger": self.stagger,
             "threshold_mode": self.threshold_mode, "counts": self._profile().counts(),
             "thresholds": [float(st.drift.thr) if st.drift is not None else None for st in cache.layers],
-            "prompt_slots_device": sum(sum(self.plan(l, st.T, st.max_new).caps) for l, st in enumerate(cache.layers)),
+            # rows the blocks allocate (F x T + C x Cmax per layer), padding to Cmax included
+            "prompt_slots_device": sum(self.plan(l, st.T, st.max_new).prompt_slots(st.T)
+                                       for l, st in enumerate(cache.layers)),
+            "prompt_slots_budget": sum(sum(self.plan(l, st.T, st.max_new).caps) for l, st in enumerate(cache.layers)),
             "prompt_slots_full": cache.layers[0].T * sum(len(r) for r in self.roles),
             "checks": sum(x["checks"] for x in per_pivot),
             "refreshes": sum(x["refreshes"] for x in per_pivot),

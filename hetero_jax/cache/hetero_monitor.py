@@ -8,9 +8,10 @@ satellites buffer the pivots' queries; every ``steps`` steps the decode step com
 sets of the window's scores with each pivot's own reference set (pivot i of the layer's cluster
 list against reference row i: the authors' code pairs JSON order with ascending pivot order, a
 defect in layers with 2+ pivots listed out of order) and, on drift, stores a refresh request for
-the host (``hetero_refresh``). ``check_impl`` chooses how the overlap is computed, all exact
-(``hetero_drift``): "spread" scores each step's query as it comes, "select" / "topk" everything
-at the check step.
+the host (``hetero_refresh``). ``check_impl`` chooses how the overlap is computed, all exact:
+"spread" (default) scores each step's query as it comes, from the logits of that step's own
+attention pass (``drift_scores``: no second pass over the prompt keys) and a histogram top-K cut
+(``topk_select``); "select" / "topk" score the buffered queries again at the check step.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from hetero_jax.attention import NEG_INF, pooled_scores
-from hetero_jax.cache.hetero_drift import compact_positions, ref_overlap, topk_mask
+from hetero_jax.cache.drift_scores import drift_scores
+from hetero_jax.cache.hetero_drift import compact_positions
 from hetero_jax.cache.hetero_pool import DriftState, HeteroLayer, LayerPlan, prompt_keys
+from hetero_jax.cache.topk_select import cut_mask, cut_overlap, topk_cut
 from pallas_kernels import topk_overlap
 
 
@@ -71,8 +74,9 @@ def _pivot_scores(p: LayerPlan, st: HeteroLayer, plen, q):
     return group_max_scores(q[..., None, :], keys[:, None], plen[:, None, None])
 
 
-def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> HeteroLayer:
-    """Buffer the pivots' queries qg (B, Hkv, G, D); every ``steps`` steps run the drift check."""
+def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache, logits=None) -> HeteroLayer:
+    """Buffer the pivots' queries qg (B, Hkv, G, D); every ``steps`` steps run the drift check.
+    ``logits`` (B, P, G, T): the pivots' scaled scores from this step's attention ("spread")."""
     ds = st.drift
     step, n = cache.step, policy.steps
     slot = step % n
@@ -84,20 +88,21 @@ def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> Het
     inb = r[None, :] < kb[:, None]  # (B, Kmax)
     ovbuf = ds.ovbuf
     if policy.check_impl == "spread":  # this step's share of the check: its own query's overlap
-        now = _pivot_scores(p, st, plen, qbuf[:, slot][:, None])[:, 0]  # (B, P, T)
-        now_top = topk_mask(now, kb[:, None])
-        ovbuf = ovbuf.at[:, slot].set(ref_overlap(now_top, ds.ref, kb))
+        now = drift_scores(logits, plen)  # (B, P, T)
+        now_cut = topk_cut(now, kb[:, None])
+        ovbuf = ovbuf.at[:, slot].set(cut_overlap(now, now_cut, ds.ref, kb))
 
     def check(carry):
         ref, req, flag, med, checks, refreshes, fired = carry
         if policy.check_impl == "spread":
-            ov, last, last_top = ovbuf, now, now_top
+            ov, last, last_cut = ovbuf, now, now_cut
         else:
             s = _pivot_scores(p, st, plen, qbuf)  # (B, W, P, T)
             last = jnp.take(s, slot, axis=1)
             if policy.check_impl == "select":
-                top = topk_mask(s, kb[:, None, None])
-                ov, last_top = ref_overlap(top, ref[:, None], kb), jnp.take(top, slot, axis=1)
+                cut = topk_cut(s, kb[:, None, None])
+                ov = cut_overlap(s, cut, ref[:, None], kb)
+                last_cut = tuple(jnp.take(c, slot, axis=1) for c in cut)
             else:  # the original: top-k index lists and their intersection
                 cur = jnp.where(inb[:, None, None, :], jax.lax.top_k(s, kmax)[1], -1 - r)
                 ov = topk_overlap(cur, ref[:, None]) * (kmax / jnp.maximum(kb, 1))[:, None, None]  # (B, W, P)
@@ -111,7 +116,7 @@ def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> Het
             if policy.check_impl == "topk":
                 idx = jnp.where(inb[:, None, :], jax.lax.top_k(last, kmax)[1], -1 - kmax - r)
             else:
-                idx = compact_positions(last_top, kmax, -1 - kmax - r)
+                idx = compact_positions(cut_mask(last, last_cut), kmax, -1 - kmax - r)
             return jnp.where(trig[..., None], idx, ref).astype(jnp.int32)
 
         ref = jax.lax.cond(trig.any(), new_ref, lambda x: x, ref)

@@ -1,13 +1,18 @@
-"""HeteroCache's device storage: the static per-layer plan and one ragged pool per layer.
+"""HeteroCache's device storage: the static per-layer plan and two uniform blocks per layer.
 
-Layout (REFERENCE.md sections 2-3). Per layer one pool ``k, v`` (B, R, D): KV head h owns the
-static segment ``[starts[h], starts[h] + caps[h] + max_new)``: ``caps[h]`` prompt slots (T for
-full heads, the formula's budget at the padded length T for compressed ones) then slots for
-generated tokens. Sequence b's valid rows of head h are contiguous: ``keep[b, h]`` kept prompt
-rows (a dynamic per-sequence count, so ragged prompts get their own budgets) then the generated
-ones. Nothing is padded to the full length, so device memory really shrinks. Everything that
-knows this layout is in this file (building the pool, appending + attending in decode, reading a
-head's prompt keys, writing refreshed rows); the policy and its drift check go through it.
+Layout (REFERENCE.md sections 2-3). Per layer the full heads (pivot, volatile; every head at
+r = 1) form one block ``full_k, full_v`` (B, F, T + max_new, D) and the compressed heads
+(anchor, satellite) another, ``comp_k, comp_v`` (B, C, Cmax + max_new, D), Cmax the largest
+compressed budget of the layer at the padded length T. Head h lives in slot ``slots[h]`` of its
+block (a gatherable head -> (block, slot) map). Sequence b's valid rows of head h are contiguous:
+``keep[b, h]`` kept prompt rows (a dynamic per-sequence count, so ragged prompts get their own
+budgets) then the generated ones. Each block is one batched attention with per-head lengths and
+no mask over other heads' rows; each head's softmax runs inside its own block, so the two
+blocks' outputs are put back in head order and need no merge. Device bytes are what the blocks
+allocate: F x T + C x Cmax prompt rows (the padding of the compressed heads to Cmax is counted).
+Everything that knows this layout is in this file (building the blocks, appending + attending in
+decode, reading a head's rows, writing refreshed rows); the policy and its drift check go
+through it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hetero_jax.cache.base import scatter_token
 from hetero_jax.profile_io import Profile
 from pallas_kernels import gather_attention
 
@@ -26,12 +32,23 @@ from pallas_kernels import gather_attention
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     full: tuple  # per head: keeps the whole prompt (full role, or r = 1)
-    caps: tuple  # prompt slots per head
-    segs: tuple  # cap + max_new per head
-    starts: tuple
+    caps: tuple  # prompt slots per head (its budget at the padded length T)
     keep_tables: tuple  # per head: (T+1,) int32 prompt rows kept for each real length
     monitored: tuple  # ((pivot, (satellite, ...)), ...) when refresh applies, in the profile's order
     sats: tuple  # satellites of the layer, in stage-slot order
+    full_heads: tuple  # the heads of the full block, in slot order
+    comp_heads: tuple  # the heads of the compressed block, in slot order
+    slots: tuple  # per head: its slot in its block
+    cmax: int  # prompt slots per compressed head (the layer's largest compressed budget)
+
+    @property
+    def head_order(self) -> tuple:
+        """Index into (full block heads + compressed block heads) for each head, in head order."""
+        return tuple(self.slots[h] + (0 if self.full[h] else len(self.full_heads)) for h in range(len(self.full)))
+
+    def prompt_slots(self, t: int) -> int:
+        """Prompt rows the layer allocates per sequence: F x T + C x Cmax."""
+        return len(self.full_heads) * t + len(self.comp_heads) * self.cmax
 
 
 def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int) -> LayerPlan:
@@ -39,14 +56,16 @@ def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int) ->
     hkv = len(prof.roles[layer])
     full = tuple(ratio >= 1.0 or prof.is_full(layer, h) for h in range(hkv))
     caps = tuple(prof.head_budget(layer, h, ratio, t) for h in range(hkv))
-    segs = tuple(c + max_new for c in caps)
-    starts = tuple(int(x) for x in np.cumsum((0,) + segs[:-1]))
     tables = tuple(np.array([prof.head_budget(layer, h, ratio, n) for n in range(t + 1)], np.int32)
                    for h in range(hkv))
     compressing = ratio < 1.0 and prof.base_budget(ratio, t) >= 1
     monitored = tuple(prof.clusters[layer]) if compressing else ()
     sats = tuple(s for _, ss in monitored for s in ss)
-    return LayerPlan(full, caps, segs, starts, tables, monitored, sats)
+    full_heads = tuple(h for h in range(hkv) if full[h])
+    comp_heads = tuple(h for h in range(hkv) if not full[h])
+    slots = tuple((full_heads if full[h] else comp_heads).index(h) for h in range(hkv))
+    cmax = max((caps[h] for h in comp_heads), default=0)
+    return LayerPlan(full, caps, tables, monitored, sats, full_heads, comp_heads, slots, cmax)
 
 
 @jax.tree_util.register_dataclass
@@ -71,8 +90,10 @@ class DriftState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class HeteroLayer:
-    k: jax.Array  # (B, R, D) ragged pool, see module docstring
-    v: jax.Array
+    full_k: jax.Array  # (B, F, T + max_new, D) full heads' block, see module docstring
+    full_v: jax.Array
+    comp_k: jax.Array  # (B, C, Cmax + max_new, D) compressed heads' block
+    comp_v: jax.Array
     keep: jax.Array  # (B, Hkv) int32 prompt rows kept per head
     drift: DriftState | None = None  # only in layers with monitored pivots
     pages: Any = None  # hetero_pages.PageState: satellites' page key bounds (refresh_by="pages")
@@ -81,48 +102,75 @@ class HeteroLayer:
 
 
 def store_prompt(p: LayerPlan, kt, vt, keep, comp: list, pos, mask, max_new: int) -> HeteroLayer:
-    """The pool from the prompt's head-major kt, vt (B, Hkv, T, D): full heads keep every row,
-    compressed heads ``comp`` the rows at positions ``pos`` (B, len(comp), >= caps) where ``mask``."""
+    """The blocks from the prompt's head-major kt, vt (B, Hkv, T, D): full heads keep every row,
+    compressed heads ``comp`` (those with prompt slots) the rows at positions ``pos``
+    (B, len(comp), Cmax) where ``mask``; other rows hold zeros."""
     b, hkv, t, d = kt.shape
+    new_rows = ((0, 0), (0, 0), (0, max_new), (0, 0))
+    fi = jnp.asarray(p.full_heads, jnp.int32)
+    full_k, full_v = (jnp.pad(x[:, fi], new_rows) for x in (kt, vt))
     if comp:
         ci = jnp.asarray(comp)
         sel = lambda x: jnp.where(mask[..., None], jnp.take_along_axis(x[:, ci], pos[..., None], 2), 0)  # noqa: E731
-        sel_k, sel_v = sel(kt), sel(vt)  # (B, Hc, kc, D)
-    ks, vs = [], []
-    pad = jnp.zeros((b, max_new, d), kt.dtype)
-    for h in range(hkv):
-        if p.full[h]:  # every prompt row, in order
-            ks.append(kt[:, h])
-            vs.append(vt[:, h])
-        elif h in comp:
-            ks.append(sel_k[:, comp.index(h), : p.caps[h]])
-            vs.append(sel_v[:, comp.index(h), : p.caps[h]])
-        ks.append(pad)
-        vs.append(pad)
-    return HeteroLayer(jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), keep, T=t, max_new=max_new)
+        sel_k, sel_v = sel(kt), sel(vt)  # (B, len(comp), Cmax, D)
+        zeros = jnp.zeros((b, p.cmax, d), kt.dtype)
+        comp_k, comp_v = (jnp.stack([x[:, comp.index(h)] if h in comp else zeros for h in p.comp_heads], 1)
+                          for x in (sel_k, sel_v))
+    else:
+        comp_k = comp_v = jnp.zeros((b, len(p.comp_heads), p.cmax, d), kt.dtype)
+    comp_k, comp_v = (jnp.pad(x, new_rows) for x in (comp_k, comp_v))
+    return HeteroLayer(full_k, full_v, comp_k, comp_v, keep, T=t, max_new=max_new)
 
 
-def append_and_attend(p: LayerPlan, st: HeteroLayer, q, k, v, step):
+def _block_attention(q, kb, vb, lengths, logit_heads=None, logit_rows=None):
+    """gather_attention over a uniform block (B, H, S, D): one free reshape, head h at h * S."""
+    b, h, s, d = kb.shape
+    return gather_attention(q, kb.reshape(b, h * s, d), vb.reshape(b, h * s, d), lengths,
+                            starts=tuple(i * s for i in range(h)), capacity=(s,) * h,
+                            logit_heads=logit_heads, logit_rows=logit_rows)
+
+
+def append_and_attend(p: LayerPlan, st: HeteroLayer, q, k, v, step, logits: bool = False):
     """Write the new token's k, v (B, Hkv, D) after each head's rows and attend q (B, Hkv, G, D)
-    over every head's valid rows -> (out (B, Hkv, G, D), layer)."""
-    b = k.shape[0]
-    pos = jnp.asarray(p.starts, jnp.int32)[None, :] + st.keep + step
-    bi = jnp.arange(b)[:, None]
-    kp = st.k.at[bi, pos].set(k.astype(st.k.dtype))
-    vp = st.v.at[bi, pos].set(v.astype(st.v.dtype))
-    out = gather_attention(q, kp, vp, st.keep + step + 1, starts=p.starts, capacity=p.segs)
-    return out, dataclasses.replace(st, k=kp, v=vp)
+    over every head's valid rows -> (out (B, Hkv, G, D), layer, pivot logits). With ``logits``
+    the full block's attention also returns the monitored pivots' scaled q.k over their first T
+    rows, (B, P, G, T) (-inf past each head's rows): the drift check's scores come from this pass."""
+    n = st.keep + step  # (B, Hkv): the new row's index in each head's rows
+    outs, blocks, pivot_logits = [], {}, None
+    for name, heads in (("full", p.full_heads), ("comp", p.comp_heads)):
+        if not heads:
+            continue
+        hi = jnp.asarray(heads, jnp.int32)
+        kb = scatter_token(getattr(st, f"{name}_k"), n[:, hi], k[:, hi])
+        vb = scatter_token(getattr(st, f"{name}_v"), n[:, hi], v[:, hi])
+        blocks.update({f"{name}_k": kb, f"{name}_v": vb})
+        if name == "full" and logits:
+            lh = tuple(p.slots[pv] for pv, _ in p.monitored)
+            out, pivot_logits = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1, logit_heads=lh, logit_rows=st.T)
+        else:
+            out = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1)
+        outs.append(out)
+    out = jnp.concatenate(outs, 1)
+    if len(outs) > 1 or p.full_heads != tuple(range(len(p.full))):
+        out = out[:, jnp.asarray(p.head_order, jnp.int32)]
+    return out, dataclasses.replace(st, **blocks), pivot_logits
+
+
+def head_rows(p: LayerPlan, st: HeteroLayer, head: int) -> tuple:
+    """Head ``head``'s rows (k, v), each (B, rows, D): its prompt slots then the generated ones."""
+    name = "full" if p.full[head] else "comp"
+    return getattr(st, f"{name}_k")[:, p.slots[head]], getattr(st, f"{name}_v")[:, p.slots[head]]
 
 
 def prompt_keys(p: LayerPlan, st: HeteroLayer, heads) -> jax.Array:
     """The prompt slots of full heads ``heads`` -> (B, len(heads), T, D)."""
-    return jnp.stack([st.k[:, p.starts[h]: p.starts[h] + st.T] for h in heads], 1)
+    return st.full_k[:, jnp.asarray([p.slots[h] for h in heads], jnp.int32), : st.T]
 
 
 def write_prompt_rows(p: LayerPlan, st: HeteroLayer, head: int, rows, mask) -> HeteroLayer:
-    """Overwrite head ``head``'s prompt slots with ``rows`` = (k, v) (B, caps[head], D) where
-    ``mask`` (B, caps[head])."""
-    sl = slice(p.starts[head], p.starts[head] + p.caps[head])
-    k = st.k.at[:, sl].set(jnp.where(mask[..., None], rows[0].astype(st.k.dtype), st.k[:, sl]))
-    v = st.v.at[:, sl].set(jnp.where(mask[..., None], rows[1].astype(st.v.dtype), st.v[:, sl]))
-    return dataclasses.replace(st, k=k, v=v)
+    """Overwrite compressed head ``head``'s prompt slots with ``rows`` = (k, v) (B, caps[head], D)
+    where ``mask`` (B, caps[head])."""
+    i, c = p.slots[head], p.caps[head]
+    k = st.comp_k.at[:, i, :c].set(jnp.where(mask[..., None], rows[0].astype(st.comp_k.dtype), st.comp_k[:, i, :c]))
+    v = st.comp_v.at[:, i, :c].set(jnp.where(mask[..., None], rows[1].astype(st.comp_v.dtype), st.comp_v[:, i, :c]))
+    return dataclasses.replace(st, comp_k=k, comp_v=v)

@@ -44,7 +44,7 @@ class HeteroHost:
 
 def offload(policy, cache: Cache) -> Cache:
     """Move the satellites' prompt KV to host memory (asynchronous) and compile the refresh programs."""
-    kind = host_memory_kind(cache.layers[0].k) if policy.offload else None
+    kind = host_memory_kind(cache.layers[0].full_k) if policy.offload else None
     if kind is None and policy.offload:
         warnings.warn("backend has no host memory kind: satellites' prompt KV stays in device memory", stacklevel=3)
     kv, layers = [], []
@@ -111,7 +111,7 @@ def _programs(policy, states, host: HeteroHost, layers: tuple):
     """The compiled refresh of ``layers`` (lag 1), or (select, fetch, apply) (lag 2)."""
     st, kvs = tuple(states[l] for l in layers), tuple(host.kv[l] for l in layers)
     kinds = tuple(kv[0].sharding.memory_kind if is_host_array(kv[0]) else None for kv in kvs)
-    env = (policy, tuple((l, s.T, s.max_new) for l, s in zip(layers, st)), kinds, st[0].k.sharding)
+    env = (policy, tuple((l, s.T, s.max_new) for l, s in zip(layers, st)), kinds, st[0].full_k.sharding)
     if policy.lag == 1:
         return compiled(_jit(_refresh, env, (0,)), st, kvs)
     src = tuple(_source(s) for s in st)
@@ -165,7 +165,7 @@ def _fetch_rows(p, kv, pos, live, host_kind, dev) -> tuple:
 def _write_rows(p, st, pi: int, live, rows, w):
     for i, j in enumerate(live):
         st = write_prompt_rows(p, st, j, rows[i], w[:, i, : p.caps[j]])
-    moved = st.drift.rows_moved.at[pi].add(st.k.shape[0] * sum(p.caps[j] for j in live))
+    moved = st.drift.rows_moved.at[pi].add(st.keep.shape[0] * sum(p.caps[j] for j in live))
     return dataclasses.replace(st, drift=dataclasses.replace(st.drift, rows_moved=moved))
 
 
@@ -256,12 +256,12 @@ def _gather_rows(hk, hv, slots, pos, host_kind, dev):
     copy -> device (B, S, C, D). With a host copy (``host_kind`` given) the gather runs as host
     compute and only the gathered rows are put on the device; without host compute, the whole
     copy comes over first (moves more bytes); without a host memory kind, a plain device gather."""
-    b, s, c = pos.shape
     d = hk.shape[-1]
-    bi = jnp.broadcast_to(jnp.arange(b)[:, None, None], pos.shape)
     si = jnp.broadcast_to(slots[None, :, None], pos.shape)
-    idx = jnp.stack([bi, si, pos], -1).astype(jnp.int32)
-    dn = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=(0, 1, 2), start_index_map=(0, 1, 2))
+    idx = jnp.stack([si, pos], -1).astype(jnp.int32)  # the batch is a batch dimension of the gather: on a
+    dn = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=(1, 2), start_index_map=(1, 2),
+                                        operand_batching_dims=(0,), start_indices_batching_dims=(0,))  # mesh each
+    # shard gathers its own sequences' rows from its own host copy, nothing crosses devices
 
     def gather(x, i):
         return jax.lax.gather(x, i, dn, slice_sizes=(1, 1, 1, d), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)

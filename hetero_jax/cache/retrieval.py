@@ -80,13 +80,14 @@ class RetrievalHost:
     mode: str = ""
 
 
-def _host_gather(x_host, flat):
-    """Rows ``flat`` of x_host (B, H, T, D) flattened, gathered on the host (inside compute_on)."""
-    x = x_host.reshape(-1, x_host.shape[-1])
-    dims = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
-    return jax.lax.gather(
-        x, flat[:, None], dims, (1, x.shape[1]), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
-    )
+def _host_gather(x_host, idx):
+    """Rows ``idx`` (B, H, K) of x_host (B, H, T, D) -> (B, H, K, D), gathered on the host (inside
+    compute_on). (B, H) are batch dimensions of the gather, so on a mesh each shard gathers its own
+    sequences' and heads' rows from its own host copy."""
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=(2,), start_index_map=(2,),
+                                          operand_batching_dims=(0, 1), start_indices_batching_dims=(0, 1))
+    return jax.lax.gather(x_host, idx[..., None], dims, (1, 1, 1, x_host.shape[-1]),
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,12 +95,10 @@ def _fetch_fn(mode: str, host_sharding, device_sharding):
     def fetch(host_v, bufs, want, n):
         outs = []
         for x, v, idx in zip(host_v, bufs, want):
-            b, h, t, _ = x.shape
             cap = idx.shape[-1]
             if mode == "host":
-                flat = (jnp.arange(b * h, dtype=jnp.int32).reshape(b, h, 1) * t + idx).reshape(-1)
-                rows = on_host(_host_gather)(x, jax.device_put(flat, host_sharding))
-                rows = jax.device_put(rows, device_sharding).reshape(idx.shape + x.shape[-1:])
+                rows = on_host(_host_gather)(x, jax.device_put(idx, host_sharding))
+                rows = jax.device_put(rows, device_sharding)
             else:
                 rows = take_rows(jax.device_put(x, device_sharding), idx)
             fresh = jnp.arange(cap)[None, None, :, None] < n[:, None, None, None]
