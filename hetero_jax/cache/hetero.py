@@ -116,7 +116,7 @@ class HeteroCache(CachePolicy):
                 raise ValueError(f"{option} must be an int >= {int(option == 'page_size')}, got {value!r}")
         if self.roles:
             self._profile().check_ratio(self.ratio)
-            if self.budget_ratio <= self._profile().num_full / self._profile().num_heads:
+            if self.ratio < 1.0 and self.budget_ratio <= self._profile().num_full / self._profile().num_heads:
                 raise ValueError(f"ratio {self.ratio} leaves no budget for the compressed heads after the page "
                                  f"bounds ({hetero_pages.overhead_ratio(self):.4f} of full KV); raise ratio or "
                                  "page_size")
