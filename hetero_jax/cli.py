@@ -78,8 +78,12 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--cache", default="full", help="cache policy: full, hetero, streaming, h2o, snapkv, "
-                   "pyramidkv, retrieval, interval")
+    p.add_argument("--cache", default="full", help="cache policy NAME[:OPTION=VALUE...]: full, hetero, hetero_plus, "
+                   "duo, streaming, h2o, snapkv, pyramidkv, retrieval, interval; e.g. hetero_plus:recent=128. "
+                   "hetero_plus = hetero with sink=4 recent=64 (compressed heads always keep them) "
+                   "refresh_by=pages page_size=32 (satellites refresh by their own queries against per-page key "
+                   "bounds); duo: profiled retrieval heads full, the rest n_sink=4 + a recent window "
+                   "(heads=roles|unstable). Options of each policy: README, 'Cache policies'")
     p.add_argument("--ratio", type=float, default=None,
                    help="device prompt-KV budget as a fraction of full KV (compressing policies; e.g. 0.5)")
     p.add_argument("--profile", default=None, help="HeteroCache head profile JSON (default: the one shipped "
@@ -166,14 +170,19 @@ def _cmd_generate(args) -> int:
                               "hetero_jax.generate.generate with token ids from Python")
     if args.chat and not getattr(tok, "chat_template", None):
         raise GenerationError(f"{m.path}: the tokenizer has no chat template; drop --chat")
-    options = {}
+    from hetero_jax.cache import parse_policy_spec, policy_class
+
+    name, spec_ratio, options = parse_policy_spec(args.cache)
+    if spec_ratio is not None and args.ratio is not None and spec_ratio != args.ratio:
+        raise ValueError(f"--cache {args.cache!r} names ratio {spec_ratio} but --ratio is {args.ratio}; give one")
+    ratio = args.ratio if args.ratio is not None else spec_ratio
     if args.profile is not None:
         options["profile"] = args.profile
-    if args.cache == "hetero" and args.dtype is None:
+    if policy_class(name).needs_profile and args.dtype is None:
         # a profile made for other weights of this architecture gives meaningless roles: compare its
         # weights digest too (on the weights as stored; a --dtype cast changes the digest)
         options["params"] = m.params
-    policy = make_policy(args.cache, m.cfg, ratio=args.ratio, **options)
+    policy = make_policy(name, m.cfg, ratio=ratio, **options)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

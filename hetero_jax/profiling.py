@@ -162,11 +162,36 @@ def classify(prefill_sets: np.ndarray, decode_sets: np.ndarray, *, sim_threshold
     return tuple(roles), stability, weights, tuple(clusters)
 
 
+SIM_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # similarity thresholds tried when fitting
+
+
+def fit_sim_threshold(prefill_sets, decode_sets, *, max_full_fraction: float, sim_threshold: float = 0.5,
+                      stable_threshold: float = 0.5) -> float:
+    """A profile fitted to the model (issue #13): the similarity threshold nearest ``sim_threshold``
+    (grid of 0.05 steps, ties to the higher) whose roles keep F/N <= ``max_full_fraction``, so the
+    budget formula leaves room for the ratios one wants (it needs r > F/N). F/N is not monotone in
+    the threshold (a split cluster can add pivots or anchors), hence the scan."""
+    if not 0.0 < max_full_fraction <= 1.0:
+        raise ValueError(f"max_full_fraction must be in (0, 1], got {max_full_fraction}")
+    found = {}
+    for thr in SIM_GRID:
+        roles = classify(prefill_sets, decode_sets, sim_threshold=thr, stable_threshold=stable_threshold)[0]
+        found[thr] = sum(r in ("pivot", "volatile") for layer in roles for r in layer) / sum(map(len, roles))
+    ok = [t for t, f in found.items() if f <= max_full_fraction]
+    if not ok:
+        best = min(found, key=found.get)
+        raise ValueError(f"no similarity threshold gives F/N <= {max_full_fraction}: the lowest is {found[best]:.3f} "
+                         f"(at {best}); raise --max-full-fraction or lower --stable-threshold")
+    return min(ok, key=lambda t: (abs(t - sim_threshold), -t))
+
+
 # ---------------------------------------------------------------------------------- driver
 def profile_model(params, cfg: LlamaConfig, tokens, *, name: str = "model", max_length: int | None = None,
                   topk: int | None = None, max_new_tokens: int = 100, sim_threshold: float = 0.5,
-                  stable_threshold: float = 0.5, calibration: dict | None = None, progress: bool = True) -> Profile:
-    """Profile a model on calibration ``tokens`` (truncated to ``max_length``) -> Profile."""
+                  stable_threshold: float = 0.5, calibration: dict | None = None, progress: bool = True,
+                  max_full_fraction: float | None = None) -> Profile:
+    """Profile a model on calibration ``tokens`` (truncated to ``max_length``) -> Profile. With
+    ``max_full_fraction``, the similarity threshold is fitted (``fit_sim_threshold``)."""
     d_len, d_topk = default_lengths(cfg)
     max_length = d_len if max_length is None else int(max_length)
     topk = (d_topk if max_length == d_len else max(1, round(max_length * REF_TOPK / REF_MAX_LENGTH))) \
@@ -176,6 +201,11 @@ def profile_model(params, cfg: LlamaConfig, tokens, *, name: str = "model", max_
     tokens = list(tokens)[:max_length]
     check_calibration(len(tokens), topk, sim_threshold, stable_threshold)
     pre, dec, gen = record_sets(params, cfg, tokens, topk=topk, max_new_tokens=max_new_tokens, progress=progress)
+    fitted = {}
+    if max_full_fraction is not None:
+        fitted = {"max_full_fraction": max_full_fraction, "sim_threshold_requested": sim_threshold}
+        sim_threshold = fit_sim_threshold(pre, dec, max_full_fraction=max_full_fraction, sim_threshold=sim_threshold,
+                                          stable_threshold=stable_threshold)
     roles, stab, weights, clusters = classify(pre, dec, sim_threshold=sim_threshold,
                                               stable_threshold=stable_threshold)
     return Profile(
@@ -186,7 +216,7 @@ def profile_model(params, cfg: LlamaConfig, tokens, *, name: str = "model", max_
             "sim_threshold": sim_threshold, "stable_threshold": stable_threshold,
             "pool_kernel": 5, "group_reduce": "mean", "similarity_step": "prefill",
             "scores": "softmax over all keys, last query row, restricted to the prompt",
-            "weight_eps": EPS, "calibration": calibration or {}, "generated_ids": gen,
+            "weight_eps": EPS, "calibration": calibration or {}, "generated_ids": gen, **fitted,
         },
         roles=roles, stability=stab, weights=weights, clusters=clusters,
     )
@@ -235,6 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--sim-threshold", type=float, default=0.5)
     ap.add_argument("--stable-threshold", type=float, default=0.5)
+    ap.add_argument("--max-full-fraction", type=float, default=None,
+                    help="fit the profile to the model: choose the similarity threshold nearest --sim-threshold whose "
+                    "full heads F/N stay <= this (the ratio must exceed F/N), e.g. 0.3")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     for name in ("max_length", "topk", "max_new_tokens"):
@@ -254,7 +287,7 @@ def main(argv=None) -> int:
         m.params, m.cfg, ids, name=Path(str(m.path)).name if a.model == "default" else str(a.model),
         max_length=a.max_length, topk=a.topk,
         max_new_tokens=a.max_new_tokens, sim_threshold=a.sim_threshold, stable_threshold=a.stable_threshold,
-        calibration=info, progress=not a.no_progress,
+        calibration=info, progress=not a.no_progress, max_full_fraction=a.max_full_fraction,
     )
     save_profile(prof, a.out)
     c = prof.counts()

@@ -188,7 +188,8 @@ def _policy_with_defaults(name, cfg, rng, **options):
 
 # hetero at threshold 0.2 too: on these random models some pivot checks refresh and some do not (at
 # 0.5 all do), so the drift decisions differ between sequences; the "batch" trigger fails this test
-@pytest.mark.parametrize("name,options", [(n, {}) for n in POLICIES] + [("hetero", {"threshold": 0.2})])
+@pytest.mark.parametrize("name,options", [(n, {}) for n in POLICIES] + [("hetero", {"threshold": 0.2}),
+                                                                     ("hetero_plus", {"threshold": 0.2})])
 def test_every_policy_is_batch_invariant(seed, name, options):
     """Issue #10: with default options a prompt's greedy tokens do not depend on its batch mates.
 

@@ -141,6 +141,35 @@ def test_accuracy_checks_by_hand(seed):
     assert summary.top1_loss(fid, "hetero:0.5", "retrieval:0.5", 4096, max=1.0).met is None
 
 
+def test_issue13_checks_by_hand(seed):
+    """Paired interval against another policy (not full), fidelity at least as good, one source."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in ("niah_single_1", "qa_1"):
+        for s in range(4):
+            f = float(rng.choice([50.0, 100.0]))
+            rows += [_acc_row("full", None, t, s, f), _acc_row("hetero_plus:0.5", 0.5, t, s, f),
+                     _acc_row("snapkv:0.5", 0.5, t, s, f / 2), _acc_row("streaming:0.5", 0.5, t, s, f if s else 0.0)]
+    out = summary.ruler_paired_above(rows, "hetero_plus:0.5", "snapkv:0.5", 4096)
+    assert out.met is True and "diff +" in out.measured
+    # one sample better on each task: the resampled difference can be 0, so the interval holds 0
+    assert summary.ruler_paired_above(rows, "hetero_plus:0.5", "streaming:0.5", 4096).met is False
+    assert summary.ruler_paired_above(rows, "snapkv:0.5", "hetero_plus:0.5", 4096).met is False
+    m = {"kl_p95": 0.02, "kl_max": 0.1, "ppl": 10.0, "ppl_full": 10.0, "positions": 8}
+    fid = [_acc_row("hetero_plus:0.5", 0.5, "fidelity", s, 0, metrics={**m, "kl_mean": 0.01, "top1_agreement": 0.9})
+           for s in range(2)]
+    fid += [_acc_row("snapkv:0.5", 0.5, "fidelity", s, 0, metrics={**m, "kl_mean": 0.02, "top1_agreement": 0.9})
+            for s in range(3)]
+    out = summary.fidelity_at_least(fid, "hetero_plus:0.5", "snapkv:0.5", 4096)
+    assert out.met is True and "(2 windows)" in out.measured
+    assert summary.fidelity_at_least(fid, "snapkv:0.5", "hetero_plus:0.5", 4096).met is False
+    table = summary.evaluate([("ruler_paired_above", dict(policy="hetero_plus:0.5", other="snapkv:0.5", length=4096,
+                                                          source="b"), "#13")], summary.ACCURACY_CHECKS,
+                             {"accuracy": [("a/results.jsonl", {"rows": [], "revision": ""}),
+                                           ("b/results.jsonl", {"rows": rows, "revision": ""})]})
+    assert [r["source"] for r in table] == ["`b/results.jsonl`"] and table[0]["met"] == "yes"
+
+
 def test_revisions_per_row():
     rows = [{"git_revision": SHA, "git_dirty": False}] * 2 + [{}]
     assert report.revisions(rows) == f"{SHA[:12]} (2 rows), not recorded (1 row)"

@@ -25,16 +25,22 @@ def split(length: int, positions: int) -> int:
     return prefix
 
 
+def prefix_of(tokens, positions: int) -> list[int]:
+    """The prefilled part of a window."""
+    return np.asarray(tokens, np.int32)[: split(len(tokens), positions)].tolist()
+
+
 def _log_probs(logits, cache):
     return jax.nn.log_softmax(logits[0].astype(jnp.float32))
 
 
-def teacher_forced(params, cfg, policy, tokens, positions: int, pad_id: int = 0):
-    """Log-probs (positions, V) float32 of ``policy`` on ``tokens`` (a window), targets, stats, timing."""
+def teacher_forced(params, cfg, policy, tokens, positions: int, pad_id: int = 0, prefilled=None):
+    """Log-probs (positions, V) float32 of ``policy`` on ``tokens`` (a window), targets, stats, timing.
+    ``prefilled``: ``prefill_once`` of the window's prefix (``prefix_of``), shared by several policies."""
     tokens = np.asarray(tokens, np.int32)
     prefix = split(len(tokens), positions)
     r = run(params, [tokens[:prefix].tolist()], config=cfg, policy=policy, steps=positions,
             feed=tokens[prefix: prefix + positions, None], record=_log_probs, pad_id=pad_id,
-            options=RunOptions(reserve_new_tokens=positions))
+            options=RunOptions(reserve_new_tokens=positions, prefilled=prefilled))
     targets = tokens[prefix + 1: prefix + positions + 1]
     return r.records[1:], targets, policy.stats(r.cache), r.timing  # records[0]: the prefill's

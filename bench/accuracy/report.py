@@ -90,8 +90,10 @@ def score_tables(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def paired_stats(rows: list[dict], reps: int = 4000, seed: int = 0) -> list[dict]:
+def paired_stats(rows: list[dict], reps: int = 4000, seed: int = 0, reference: str = "full") -> list[dict]:
     """RULER average of each policy against full KV on the same samples, with a bootstrap CI.
+    ``reference``: another policy (its spec or label) to pair against instead (then "full_avg" is its
+    average).
 
     Policies see identical samples (same seed, same prompts), so the difference is paired: per
     task the mean over the samples both have, averaged over the tasks both have; the bootstrap
@@ -100,13 +102,13 @@ def paired_stats(rows: list[dict], reps: int = 4000, seed: int = 0) -> list[dict
     samples. One dict per (length, policy label), full first within a length.
     """
     gen = [r for r in rows if r["task"] in ruler.TASKS]
-    full = {(r["length"], r["task"], r["sample"]): r["score"] for r in gen if label(r) == "full"}
+    full = {(r["length"], r["task"], r["sample"]): r["score"] for r in gen if reference in (label(r), r["policy"])}
     if not full:
         return []
     rng = np.random.default_rng(seed)
     out = []
     for (length, lb), rs in sorted(group(gen, "length", "label").items(), key=_full_first):
-        if lb == "full":
+        if reference in (lb, lb.split("@")[0]):
             continue
         per_task = collections.defaultdict(list)
         for r in rs:
@@ -190,6 +192,8 @@ def refresh_stats(rows: list[dict]) -> list[dict]:
         out.append({"label": lb, "length": length, "n": len(rs), "refreshes": refreshes, "checks": checks,
                     "pct_of_checks": 100 * refreshes / checks,
                     "mib_moved": _mean(r["stats"]["bytes_moved"] for r in rs) / 2**20,
+                    "kib_per_token": _mean(r["stats"]["bytes_moved"] / r["metrics"].get("positions", math.nan)
+                                           for r in rs) / 2**10,  # per decode step of a fidelity window
                     "kl_mean": m("kl_mean"), "top1_pct": 100 * m("top1_agreement")})
     return out
 

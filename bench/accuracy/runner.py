@@ -228,6 +228,8 @@ class Runner:
                      stats=res.stats, timing=res.timing, extra=s["extra"])
 
     def _run_fidelity(self, length: int) -> None:
+        from hetero_jax.decode_loop import prefill_once
+
         rc, lm = self.rc, self.loaded
         hay = synthetic.Haystack(lm.tokenizer)
         for i in range(rc.samples):
@@ -235,10 +237,13 @@ class Runner:
             if not pend:
                 continue
             start, window = synthetic.text_window(hay, length, i, rc.seed)
-            ref = fidelity.teacher_forced(lm.params, lm.cfg, self.policy("full"), window, rc.positions)
+            # one forward pass of the prefix feeds full KV and every policy (as for generation tasks)
+            shared = prefill_once(lm.params, [fidelity.prefix_of(window, rc.positions)], config=lm.cfg)
+            ref = fidelity.teacher_forced(lm.params, lm.cfg, self.policy("full"), window, rc.positions,
+                                          prefilled=shared)
             for p in pend:
                 run = ref if p == "full" else fidelity.teacher_forced(lm.params, lm.cfg, self.policy(p), window,
-                                                                       rc.positions)
+                                                                       rc.positions, prefilled=shared)
                 m = scoring.fidelity_stats(ref[0], run[0], ref[1])
                 self._append(p, "fidelity", length, i, score=100 * m["top1_agreement"], metric="top1_agreement",
                              metrics=m, prediction="", references=[],

@@ -14,6 +14,8 @@ from hetero_jax.cache.base import Cache, CachePolicy
 POLICIES = {
     "full": "hetero_jax.cache.full:FullKV",
     "hetero": "hetero_jax.cache.hetero:HeteroCache",
+    "hetero_plus": "hetero_jax.cache.hetero_plus:HeteroPlus",
+    "duo": "hetero_jax.cache.duo:DuoAttention",
     "streaming": "hetero_jax.cache.streaming:StreamingLLM",
     "h2o": "hetero_jax.cache.h2o:H2O",
     "snapkv": "hetero_jax.cache.snapkv:SnapKV",

@@ -20,6 +20,13 @@ step runs, written before the next); ``select_window`` w > 1 (SnapKV's rule for 
 heads: the last w prompt queries vote, their tokens kept; pivots' reference sets unchanged);
 ``threshold_mode`` "fixed" or "rate" (``target_rate``, ``rate_gain``: ``hetero_drift``);
 ``offload`` (satellites' prompt KV in ``pinned_host`` memory).
+
+Beyond the paper (issue #13, ``hetero_pages``; off by default, on together in ``hetero_plus``):
+``sink`` / ``recent`` (compressed heads always keep the first ``sink`` and last ``recent`` prompt
+tokens, at prefill and at every refresh) and ``refresh_by`` "pages" (satellites refresh by their
+own queries against per-page key bounds of ``page_size`` tokens kept on device; the pivot's
+trigger still decides when; the bounds' bytes come out of the compressed heads' budgets, so the
+device prompt KV stays ~ r x full).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetero_jax.attention import group_queries, last_rows
-from hetero_jax.cache import hetero_refresh
+from hetero_jax.cache import hetero_pages, hetero_refresh
 from hetero_jax.cache.base import Cache, CachePolicy, array_bytes
 from hetero_jax.cache.hetero_drift import in_position_order
 from hetero_jax.cache.hetero_monitor import checks_at, group_max_scores, init_drift, monitor
@@ -42,7 +49,8 @@ from hetero_jax.cache.selection import forced_scores, head_major, window_votes
 from hetero_jax.profile_io import Profile, as_profile
 
 CHOICES = {"trigger": ("sequence", "batch"), "refresh_select": ("authors", "topk"),
-           "check_impl": ("spread", "select", "topk"), "lag": (1, 2), "threshold_mode": ("fixed", "rate")}
+           "check_impl": ("spread", "select", "topk"), "lag": (1, 2), "threshold_mode": ("fixed", "rate"),
+           "refresh_by": ("pivot", "pages")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +74,10 @@ class HeteroCache(CachePolicy):
     target_rate: float = 0.15  # "rate": fraction of pivot checks that refresh
     rate_gain: float = 0.2  # "rate": threshold change per check per unit rate error
     offload: bool = True
+    sink: int = 0  # compressed heads always keep the first ``sink`` prompt tokens (hetero_pages)
+    recent: int = 0  # ... and the last ``recent``
+    refresh_by: str = "pivot"  # "pages": satellites choose by their own queries (hetero_pages)
+    page_size: int = 32
     profile_name: str = ""
 
     @classmethod
@@ -98,8 +110,21 @@ class HeteroCache(CachePolicy):
                              f"got {self.select_window!r}")
         if not (0.0 < self.target_rate < 1.0 and self.rate_gain > 0.0):
             raise ValueError(f"need 0 < target_rate < 1 and rate_gain > 0, got {self.target_rate}, {self.rate_gain}")
+        for option in ("sink", "recent", "page_size"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (option == "page_size"):
+                raise ValueError(f"{option} must be an int >= {int(option == 'page_size')}, got {value!r}")
         if self.roles:
             self._profile().check_ratio(self.ratio)
+            if self.ratio < 1.0 and self.budget_ratio <= self._profile().num_full / self._profile().num_heads:
+                raise ValueError(f"ratio {self.ratio} leaves no budget for the compressed heads after the page "
+                                 f"bounds ({hetero_pages.overhead_ratio(self):.4f} of full KV); raise ratio or "
+                                 "page_size")
+
+    @property
+    def budget_ratio(self) -> float:
+        """The ratio the budget formula gets: ``ratio`` less what page bounds take on device."""
+        return self.ratio - hetero_pages.overhead_ratio(self) if self.ratio < 1.0 else self.ratio
 
     # ------------------------------------------------------------------ static plan
     def _profile(self) -> Profile:
@@ -108,12 +133,12 @@ class HeteroCache(CachePolicy):
 
     @functools.lru_cache(maxsize=64)
     def plan(self, layer: int, t: int, max_new: int) -> LayerPlan:
-        return layer_plan(self._profile(), self.ratio, layer, t, max_new)
+        return layer_plan(self._profile(), self.budget_ratio, layer, t, max_new)
 
     @functools.lru_cache(maxsize=8)
     def base_table(self, t: int) -> np.ndarray:
         """(t+1,) int32: the base budget K for each real prompt length."""
-        return np.array([self._profile().base_budget(self.ratio, n) for n in range(t + 1)], np.int32)
+        return np.array([self._profile().base_budget(self.budget_ratio, n) for n in range(t + 1)], np.int32)
 
     # ------------------------------------------------------------------ the cache-policy interface
     def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
@@ -128,10 +153,13 @@ class HeteroCache(CachePolicy):
         if comp:  # all compressed heads of the layer in one top-k, kept in position order
             ci = jnp.asarray(comp)
             sel = scores if self.select_window == 1 else self._window_scores(q, k, lengths, keep[:, ci])
+            sel = hetero_pages.force_kept(sel, lengths, self.sink, self.recent)
             pos, mask = in_position_order(jax.lax.top_k(sel[:, ci], max(p.caps[h] for h in comp))[1], keep[:, ci])
         st = store_prompt(p, kt, vt, keep, comp, pos, mask, max_new_tokens)
         if p.monitored:
             st = dataclasses.replace(st, drift=init_drift(self, p, scores, q, kt, vt, lengths, max_new_tokens))
+            if self.refresh_by == "pages":
+                st = dataclasses.replace(st, pages=hetero_pages.init_pages(self, p, kt, lengths))
         return st
 
     def _window_scores(self, q, k, lengths, keeps):
@@ -150,6 +178,9 @@ class HeteroCache(CachePolicy):
         out, st, logits = append_and_attend(p, st, qg, k, v, cache.step, logits=score_once)
         if p.monitored:
             st = monitor(self, layer, p, st, qg, cache, logits)
+            if st.pages is not None:
+                st = dataclasses.replace(st, pages=hetero_pages.update_scores(
+                    self, p, st.pages, qg, checks_at(self, layer, cache.step)))
         return out.reshape(q.shape), st
 
     def after_prefill(self, cache: Cache) -> Cache:
@@ -176,7 +207,8 @@ class HeteroCache(CachePolicy):
                 per_layer[l] += r[i]
         out.update({
             "ratio": self.ratio, "profile": self.profile_name, "steps": self.steps, "threshold": self.threshold,
-            "trigger": self.trigger, "refresh_select": self.refresh_select,
+            "trigger": self.trigger, "refresh_select": self.refresh_select, "sink": self.sink, "recent": self.recent,
+            "refresh_by": self.refresh_by, "page_size": self.page_size, "budget_ratio": self.budget_ratio,
             "lag_steps": self.lag, "check_impl": self.check_impl, "stagger": self.stagger,
             "threshold_mode": self.threshold_mode, "counts": self._profile().counts(),
             "thresholds": [float(st.drift.thr) if st.drift is not None else None for st in cache.layers],

@@ -96,6 +96,7 @@ class HeteroLayer:
     comp_v: jax.Array
     keep: jax.Array  # (B, Hkv) int32 prompt rows kept per head
     drift: DriftState | None = None  # only in layers with monitored pivots
+    pages: Any = None  # hetero_pages.PageState: satellites' page key bounds (refresh_by="pages")
     T: int = dataclasses.field(default=0, metadata=dict(static=True))
     max_new: int = dataclasses.field(default=0, metadata=dict(static=True))
 

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hetero_jax.cache import hetero_pages
 from hetero_jax.cache.base import Cache, compiled, host_memory_kind, is_host_array, on_host, to_memory
 from hetero_jax.cache.hetero_drift import in_position_order, rate_update
 from hetero_jax.cache.hetero_monitor import checks_at
@@ -103,7 +104,7 @@ def _put(cache: Cache, layers: tuple, states) -> Cache:
 
 
 def _source(st):
-    return st.drift.req, st.drift.flag, st.keep
+    return (st.drift.req if st.pages is None else st.pages), st.drift.flag, st.keep
 
 
 def _programs(policy, states, host: HeteroHost, layers: tuple):
@@ -135,6 +136,9 @@ def _select_rows(policy, p, src, pi: int, live) -> tuple:
     """Pivot pi's refresh from ``src`` = (req, flag, keep): prompt positions (B, S, kc) per live
     satellite, in position order, and the valid mask (B, S, kc) of the triggered sequences."""
     req, flag, keep = src
+    if policy.refresh_by == "pages":  # each satellite by its own query (hetero_pages)
+        return hetero_pages.select_rows(policy, p, req, flag, keep, pi, live)
+    req = hetero_pages.forced_request(policy, req)  # sink / recent tokens, when asked for
     kc = max(p.caps[j] for j in live)
     keeps = keep[:, jnp.asarray(live)]  # (B, S)
     idx = jax.lax.top_k(req[:, pi], kc)[1][:, None]  # (B, 1, kc): one top-k per pivot

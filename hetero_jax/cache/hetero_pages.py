@@ -1,0 +1,128 @@
+"""HeteroCache beyond the paper (issue #13): sink + recent tokens always kept in compressed heads,
+and satellites that refresh by their *own* queries through per-page key bounds (Quest-style).
+
+Both are options of the ``hetero`` policy (``sink``, ``recent``, ``refresh_by="pages"``,
+``page_size``); ``hetero_plus`` turns them on together. The faithful defaults never call into here.
+
+* ``force_kept``: token scores with the first ``sink`` and last ``recent`` real prompt tokens
+  forced to the top (+inf), used wherever a compressed head picks tokens (prefill and refresh).
+* Page bounds: for each satellite, per page of ``page_size`` prompt tokens, the elementwise min
+  and max of its keys (B, S, pages, D) stay on device (2 x D values per page: one KV row's bytes,
+  so 1/page_size of the satellite's full prompt KV, and the budgets shrink to pay for them).
+  A query's upper bound on q.k inside a page is sum_d max(q_d min_d, q_d max_d) (Quest); the
+  group's query heads reduce by max. At each drift check every satellite scores the pages with
+  its own query; when its pivot triggers, the satellite keeps its forced tokens plus the tokens
+  of its best pages, ``cap_j`` tokens in all (ties to the lowest position, so whole pages in bound
+  order, the last one cut), read from the host copy. The pivot still decides *when*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from hetero_jax.attention import NEG_INF
+from hetero_jax.cache.hetero_drift import in_position_order
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PageState:
+    kmin: jax.Array  # (B, S, pages, D) per satellite (stage-slot order), per page: min of the keys
+    kmax: jax.Array  # (B, S, pages, D) max of the keys
+    score: jax.Array  # (B, S, pages) f32 page bounds of each satellite's query at the last check
+    plen: jax.Array  # (B,) int32 real prompt length
+
+
+def force_kept(scores, lengths, sink: int, recent: int):
+    """scores (B, H, T) -> the same with positions < sink and in [L - recent, L) set to +inf;
+    lengths (B,) or (B, H); positions past L untouched (callers mask them)."""
+    if not sink and not recent:
+        return scores
+    pos = jnp.arange(scores.shape[-1])
+    lengths = lengths.reshape(lengths.shape + (1,) * (scores.ndim - lengths.ndim))
+    forced = ((pos < sink) | (pos >= lengths - recent)) & (pos < lengths)
+    return jnp.where(forced, jnp.inf, scores)
+
+
+def num_pages(t: int, page: int) -> int:
+    return -(-t // page)
+
+
+def page_bounds(kt, lengths, page: int):
+    """kt (B, S, T, D) prompt keys, lengths (B,) -> (kmin, kmax) (B, S, pages, D); pages past the
+    prompt (and rows past it inside the last page) do not count; an empty page has bounds 0."""
+    b, s, t, d = kt.shape
+    n = num_pages(t, page)
+    x = jnp.pad(kt, [(0, 0), (0, 0), (0, n * page - t), (0, 0)]).reshape(b, s, n, page, d)
+    real = (jnp.arange(n * page) < lengths[:, None]).reshape(b, 1, n, page, 1)
+    lo = jnp.where(real, x, jnp.inf).min(3)
+    hi = jnp.where(real, x, -jnp.inf).max(3)
+    empty = ~real.any(3)
+    return jnp.where(empty, 0, lo).astype(kt.dtype), jnp.where(empty, 0, hi).astype(kt.dtype)
+
+
+def page_scores(q, kmin, kmax, plen, page: int):
+    """q (B, S, G, D) the satellites' queries -> (B, S, pages) f32: max over the group of
+    sum_d max(q_d kmin_d, q_d kmax_d); NEG_INF for pages that start at or past the prompt."""
+    qf = q.astype(jnp.float32)[:, :, :, None, :]  # (B, S, G, 1, D)
+    ub = jnp.maximum(qf * kmin[:, :, None].astype(jnp.float32), qf * kmax[:, :, None].astype(jnp.float32)).sum(-1)
+    ub = ub.max(2)
+    inside = jnp.arange(kmin.shape[2])[None, None, :] * page < plen[:, None, None]
+    return jnp.where(inside, ub, NEG_INF)
+
+
+def token_scores(score, plen, t: int, page: int, sink: int, recent: int):
+    """Page scores (B, S, pages) -> token scores (B, S, t): each token its page's bound, forced
+    sink/recent tokens +inf, positions past the prompt -inf."""
+    tok = jnp.repeat(score, page, axis=-1)[..., :t]
+    tok = force_kept(tok, plen, sink, recent)
+    return jnp.where(jnp.arange(t)[None, None, :] < plen[:, None, None], tok, -jnp.inf)
+
+
+def select_rows(policy, p, pages: PageState, flag, keep, pi: int, live) -> tuple:
+    """Pivot pi's refresh by its satellites' own page scores: positions (B, len(live), kc) in
+    position order and the mask of rows to write (triggered sequences only), as
+    ``hetero_refresh._select_rows`` returns them."""
+    kc = max(p.caps[j] for j in live)
+    slots = jnp.asarray([p.sats.index(j) for j in live])
+    t = int(pages.kmin.shape[2]) * policy.page_size
+    tok = token_scores(pages.score[:, slots], pages.plen, t, policy.page_size, policy.sink, policy.recent)
+    idx = jax.lax.top_k(tok, kc)[1]  # (B, S, kc)
+    pos, m = in_position_order(idx, keep[:, jnp.asarray(live)])
+    return pos, m & flag[:, pi, None, None]
+
+
+def init_pages(policy, p, kt, lengths) -> PageState:
+    """Bounds of the layer's satellites (stage-slot order) from the prompt's head-major keys."""
+    kmin, kmax = page_bounds(kt[:, jnp.asarray(p.sats)], lengths, policy.page_size)
+    return PageState(kmin, kmax, jnp.zeros(kmin.shape[:3], jnp.float32), lengths.astype(jnp.int32))
+
+
+def update_scores(policy, p, pages: PageState, qg, is_check) -> PageState:
+    """At a check step, each satellite scores the pages with its own query qg[:, sat] (B, G, D)."""
+    def score(pg):
+        s = page_scores(qg[:, jnp.asarray(p.sats)], pg.kmin, pg.kmax, pg.plen, policy.page_size)
+        return dataclasses.replace(pg, score=s)
+
+    return jax.lax.cond(is_check, score, lambda pg: pg, pages)
+
+
+def overhead_ratio(policy) -> float:
+    """Fraction of full prompt KV the page bounds take (one KV row per page per satellite)."""
+    if policy.refresh_by != "pages" or not policy.roles:
+        return 0.0
+    n = sum(len(r) for r in policy.roles)
+    s = sum(len(ss) for layer in policy.clusters for _, ss in layer)
+    return s / (n * policy.page_size)
+
+
+def forced_request(policy, req):
+    """A pivot's token scores req (B, P, T) (NEG_INF past the prompt) with the sink / recent
+    tokens forced, for refresh_by="pivot" with ``sink`` or ``recent`` set."""
+    if not policy.sink and not policy.recent:
+        return req
+    plen = (req > NEG_INF / 2).sum(-1)  # (B, P): scores inside the prompt are probabilities >= 0
+    return force_kept(req, plen, policy.sink, policy.recent)
