@@ -427,5 +427,5 @@ def test_clear_errors(seed):
         HeteroCache.create(other, ratio=0.5, profile=prof)
     with pytest.raises(ProfileError, match="no shipped HeteroCache profile"):
         HeteroCache.create(cfg, ratio=0.5)
-    with pytest.raises(TypeError, match="unknown hetero cache options"):
+    with pytest.raises(ValueError, match="unknown option.*stepz.*for cache policy 'hetero'; valid: .*steps"):
         HeteroCache.create(cfg, ratio=0.5, profile=prof, stepz=3)

@@ -107,6 +107,8 @@ def test_cli_generate_json(smollm):
     "args, needle",
     [
         (["--prompt", "hi", "--cache", "nope"], "unknown cache policy"),
+        (["--prompt", "hi", "--cache", "hetero_plus:0.5:sinks=4"], "unknown option(s) sinks for cache policy 'hetero_plus'"),
+        (["--prompt", "hi", "--cache", "snapkv:0.5:windw=8"], "unknown option(s) windw for cache policy 'snapkv'"),
         (["--prompt", "   "], "empty prompt"),
         (["--prompt", "word " * 9000], "exceeds the model's context"),
         (["--prompt", "hi", "--model", "no/such/model"], "no/such/model"),

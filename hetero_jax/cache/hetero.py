@@ -92,7 +92,8 @@ class HeteroCache(CachePolicy):
         allowed = {f.name for f in dataclasses.fields(cls)} - {"roles", "weights", "clusters", "ratio", "profile_name"}
         unknown = set(options) - allowed
         if unknown:
-            raise TypeError(f"unknown hetero cache options {sorted(unknown)}; see HeteroCache's fields")
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for cache policy {cls.name!r}; "
+                             f"valid: {', '.join(sorted(allowed))}")
         return cls(roles=prof.roles, weights=prof.weights, clusters=prof.clusters, ratio=float(ratio),
                    profile_name=str(prof.model.get("name", "")), **options)
 
