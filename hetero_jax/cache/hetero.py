@@ -57,7 +57,7 @@ CHOICES = {"trigger": ("sequence", "batch"), "refresh_select": ("authors", "topk
 class HeteroCache(CachePolicy):
     name: ClassVar[str] = "hetero"
     needs_profile: ClassVar[bool] = True
-    head_sharded: ClassVar[bool] = False  # the ragged pool mixes heads: batch over ``data`` only
+    head_sharded: ClassVar[bool] = False  # a layer's blocks group heads by role, not by shard: ``data`` only
     roles: tuple = ()
     weights: tuple = ()
     clusters: tuple = ()
