@@ -240,12 +240,13 @@ def _debug() -> bool:
 
 
 def _quiet_libraries() -> None:
-    """Keep orbax/absl's thread-failure reports (dozens of lines each) and transformers' advice
+    """Keep orbax/absl's thread-failure reports (dozens of lines each; orbax's failed write tasks
+    reach asyncio's "Task exception was never retrieved" when collected) and transformers' advice
     ("PyTorch was not found") out of a user's terminal; HETERO_JAX_DEBUG=1 keeps them."""
     if _debug():
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+    for name in ("absl", "orbax", "asyncio", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda u: log.debug("ignored in %r: %s", u.object, u.exc_value)
 

@@ -21,7 +21,7 @@ import transformers
 import convert
 from convert import ConvertError
 from hetero_jax import model
-from hetero_jax.cache import POLICIES, make_policy
+from hetero_jax.cache import POLICIES, make_policy, policy_class
 from hetero_jax.cache.full import FullKV
 from hetero_jax.generate import generate
 from hetero_jax.profiling import profile_model
@@ -271,7 +271,7 @@ def test_every_cache_policy_runs_on_qwen2(tmp_path, seed):
     prof = profile_model(params, cfg, calib, name="tiny-qwen2", max_length=200, topk=40, max_new_tokens=7,
                          stable_threshold=0.0, progress=False)
     assert prof.num_full <= prof.num_heads // 2
-    options = {"hetero": {"profile": prof, "params": params}}
+    options = {n: {"profile": prof, "params": params} for n in POLICIES if policy_class(n).needs_profile}
     for name in POLICIES:
         if name == "full":
             continue
