@@ -71,13 +71,24 @@ def attend(q, k, v, lengths, logits: bool = False):
     with ``logits`` also the scaled scores q.k / sqrt(D) (B,H,G,C) f32, -inf at rows past ``lengths``.
 
     Rows at or past ``lengths`` get probability exactly 0 (they must hold finite values).
+
+    With one (batch, head) pair the products are fused multiply-reduces, not dots: XLA CPU turns
+    such a dot into a plain matmul and duplicates its operand fusion (the new row's write),
+    copying the whole K/V block three times per step.
     """
     dt = _compute_dtype(q, k)
-    s = jnp.einsum("bhgd,bhcd->bhgc", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
+    elementwise = q.shape[0] * q.shape[1] == 1
+    if elementwise:
+        s = (q.astype(dt)[:, :, :, None, :] * k.astype(dt)[:, :, None]).sum(-1)
+    else:
+        s = jnp.einsum("bhgd,bhcd->bhgc", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
     s = s * (1.0 / math.sqrt(q.shape[-1]))
     valid = (jnp.arange(k.shape[2], dtype=jnp.int32) < lengths[..., None])[:, :, None, :]  # (B,H,1,C)
     p, l = _softmax(s, valid)
-    o = jnp.einsum("bhgc,bhcd->bhgd", p.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
+    if elementwise:
+        o = (p[..., None] * v.astype(dt)[:, :, None]).sum(-2)
+    else:
+        o = jnp.einsum("bhgc,bhcd->bhgd", p.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
     o = o / jnp.where(l > 0, l, 1.0)
     return (o, jnp.where(valid, s, -jnp.inf)) if logits else o
 

@@ -414,3 +414,25 @@ def test_window_larger_than_budget(name):
     pol = make_policy(name, CFG, ratio=0.25, window=32)  # budget of 64 tokens: 16 < 32
     with pytest.raises(ValueError, match="window=32 is larger than the per-head budget 16"):
         pol.select(0, q, k, lengths)
+
+
+@pytest.mark.parametrize("b,h", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_scatter_token_writes_one_row_per_head(seed, b, h):
+    """The cache write of every policy, jitted with the buffer donated as the decode step does
+    (B = H = 1 takes the dynamic_update_slice path): row index[b, h] gets value[b, h], every other
+    row is unchanged, and an index outside [0, S) writes nothing."""
+    from hetero_jax.cache.base import scatter_token
+
+    rng = np.random.default_rng(seed)
+    s, d = 11, 4
+    buf = rng.standard_normal((b, h, s, d)).astype(np.float32)
+    value = rng.standard_normal((b, h, d)).astype(np.float32)
+    for index in (rng.integers(0, s, size=(b, h)), np.full((b, h), s), np.full((b, h), -1)):
+        want = buf.copy()
+        for i in range(b):
+            for j in range(h):
+                if 0 <= index[i, j] < s:
+                    want[i, j, index[i, j]] = value[i, j]
+        write = jax.jit(scatter_token, donate_argnums=0)
+        got = write(jnp.asarray(buf), jnp.asarray(index, jnp.int32), jnp.asarray(value))
+        np.testing.assert_array_equal(np.asarray(got), want)

@@ -354,3 +354,25 @@ def test_logit_heads_same_in_both_paths(seed):
     _, a = pk.gather_attention(q, k, v, lens, impl="xla", **kw)
     _, b = pk.gather_attention(q, k, v, lens, impl="interpret", **kw)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b,hkv", [(1, 1), (1, 2), (2, 1)])
+def test_xla_one_batch_head_pair(seed, dtype, b, hkv):
+    """XLA path: one (batch, head) pair uses multiply-reduces instead of dots (HeteroCache's
+    one-head blocks at batch 1); the same output and logits as float64 as every other shape."""
+    rng = np.random.default_rng(seed)
+    s_len = int(rng.integers(20, 90))
+    lengths = rng.integers(1, s_len + 1, size=(b, hkv))
+    q, k, v, lens, starts, cap = make_segment_case(rng, b, hkv, 3, 16, (s_len,) * hkv, (0,) * hkv, dtype, "xla",
+                                                   lengths)
+    rows = int(rng.integers(1, s_len + 1))
+    out, lg = pk.gather_attention(q, k, v, lens, impl="xla", starts=starts, capacity=cap, logit_heads=(0,),
+                                  logit_rows=rows)
+    check(out, np_attention(q, k, v, lengths, lambda i, h: starts[h] + np.arange(lengths[i, h])), dtype, lengths)
+    qd, kd = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k))
+    for i in range(b):
+        n = min(int(lengths[i, 0]), rows)
+        np.testing.assert_allclose(np.asarray(lg)[i, 0, :, :n], qd[i, 0] @ kd[i, :n].T / 4.0, rtol=TOL[dtype] * 10,
+                                   atol=TOL[dtype] * 10)
+        assert (np.asarray(lg)[i, 0, :, n:] == -np.inf).all()

@@ -142,11 +142,23 @@ def scatter_token(buf: jax.Array, index: jax.Array, value: jax.Array) -> jax.Arr
     writes its own sequences' and heads' rows with no traffic."""
     b, h = buf.shape[:2]
     index = jnp.broadcast_to(index.reshape(b, -1), (b, h)).astype(jnp.int32)
+    if b * h == 1:  # XLA CPU lowers a one-row scatter to a select + update that copies buf three times
+        return _update_one_row(buf, index.reshape(()), value)
     dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(2,),
                                            scatter_dims_to_operand_dims=(2,), operand_batching_dims=(0, 1),
                                            scatter_indices_batching_dims=(0, 1))
     return jax.lax.scatter(buf, index[..., None], value.astype(buf.dtype), dims,
                            mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _update_one_row(buf: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
+    """``scatter_token`` for B = H = 1 as an in-place dynamic_update_slice (the row is dropped,
+    i.e. the old one rewritten, when i is outside [0, S))."""
+    s, d = buf.shape[2:]
+    j = jnp.clip(i, 0, s - 1)
+    old = jax.lax.dynamic_slice(buf, (0, 0, j, 0), (1, 1, 1, d))
+    row = jnp.where((i >= 0) & (i < s), value.reshape(1, 1, 1, d).astype(buf.dtype), old)
+    return jax.lax.dynamic_update_slice(buf, row, (0, 0, j, 0))
 
 
 def round_up(n: int, multiple: int) -> int:
