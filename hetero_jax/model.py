@@ -122,4 +122,5 @@ def decode_step(params, cache: Cache, tokens: jax.Array, *, cfg: LlamaConfig, po
         attend = functools.partial(policy.decode_layer, i, cache.layers[i], cache=cache)
         x, state = layer(x, cache.lengths, inv_freq, attend)
         states.append(state)
-    return head(x), Cache(tuple(states), cache.lengths + 1, cache.step + 1, cache.host)
+    done = policy.finish_step(Cache(tuple(states), cache.lengths, cache.step, cache.host))
+    return head(x), Cache(done.layers, cache.lengths + 1, cache.step + 1, cache.host)

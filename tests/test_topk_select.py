@@ -66,3 +66,19 @@ def test_cut_forms_agree_and_batch(seed):
     for idx in np.ndindex(2, 3, 4):
         members = ref[idx][ref[idx] >= 0]
         assert got[idx] == np.float32(mask[idx][members].sum()) / np.float32(max(kb[idx[0]], 1))
+
+
+def test_cut_without_excess_ties_takes_every_tie(seed):
+    """Rows whose K-th key is not shared past K (distinct floats, or every tie inside the top K)
+    skip the cumulative tie count: the same set as numpy, and ``last`` lets every tie in."""
+    rng = np.random.default_rng(seed)
+    t = int(rng.integers(200, 3000))
+    x = rng.standard_normal((8, t)).astype(np.float32)
+    x[0, : t // 2] = 7.0  # a block of ties, all taken below
+    k = rng.integers(1, t + 1, 8)
+    k[0] = t // 2 + int(rng.integers(0, t // 2))
+    cut = jax.jit(topk_cut)(jnp.asarray(x), jnp.asarray(k))
+    assert (np.asarray(cut[1]) == t - 1).all()  # the fast path ran
+    mask = np.asarray(cut_mask(jnp.asarray(x), cut))
+    for i in range(8):
+        assert set(np.flatnonzero(mask[i]).tolist()) == np_topk_set(x[i], k[i]), (i, k[i])

@@ -14,6 +14,9 @@ name in ``hetero_jax.cache``. The whole contract:
   every policy, so one forward pass can build the caches of many (``model.prefill_qkv``).
 * ``decode_layer(layer, layer_state, q, k, v, cache)`` -> ``(out, layer_state)`` (in jit):
   q (B,Hq,D), k/v (B,Hkv,D) for one new token per sequence at position ``cache.lengths``.
+* ``finish_step(cache)`` -> cache (in jit, optional): once per decode step after every layer's
+  ``decode_layer`` (``cache.step`` / ``cache.lengths`` still this step's): work that spans layers,
+  done in one batch instead of one small program per layer (HeteroCache's drift check).
 * ``after_prefill(cache)`` -> cache (host, once): e.g. move prompt KV to host memory.
 * ``before_step(cache)`` -> cache (host, before every decode step): e.g. dispatch host->device
   refresh transfers. Host hooks may dispatch jitted work but never block on it.
@@ -123,6 +126,9 @@ class CachePolicy:
     def decode_layer(self, layer: int, state, q, k, v, cache: Cache):
         """Store one new token and attend over what is kept -> (out (B, Hq, D), state)."""
         raise NotImplementedError
+
+    def finish_step(self, cache: Cache) -> Cache:
+        return cache
 
     def after_prefill(self, cache: Cache) -> Cache:
         return cache

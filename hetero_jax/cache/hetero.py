@@ -43,7 +43,8 @@ from hetero_jax.attention import group_queries, last_rows
 from hetero_jax.cache import hetero_pages, hetero_refresh
 from hetero_jax.cache.base import Cache, CachePolicy, array_bytes
 from hetero_jax.cache.hetero_drift import in_position_order
-from hetero_jax.cache.hetero_monitor import checks_at, group_max_scores, init_drift, monitor
+from hetero_jax.cache.hetero_monitor import (checks_at, finish_step, group_max_scores, init_drift, monitor,
+                                             record_scores)
 from hetero_jax.cache.hetero_pool import LayerPlan, append_and_attend, layer_plan, store_prompt
 from hetero_jax.cache.selection import forced_scores, head_major, window_votes
 from hetero_jax.profile_io import Profile, as_profile
@@ -178,11 +179,16 @@ class HeteroCache(CachePolicy):
         score_once = bool(p.monitored) and self.check_impl == "spread"  # the pivots' scores from this pass
         out, st, logits = append_and_attend(p, st, qg, k, v, cache.step, logits=score_once)
         if p.monitored:
-            st = monitor(self, layer, p, st, qg, cache, logits)
+            st = (record_scores(self, p, st, qg, cache, logits) if score_once
+                  else monitor(self, layer, p, st, qg, cache))
             if st.pages is not None:
                 st = dataclasses.replace(st, pages=hetero_pages.update_scores(
                     self, p, st.pages, qg, checks_at(self, layer, cache.step)))
         return out.reshape(q.shape), st
+
+    def finish_step(self, cache: Cache) -> Cache:
+        """check_impl "spread": every layer's drift-check work of this step in one batch."""
+        return finish_step(self, cache)
 
     def after_prefill(self, cache: Cache) -> Cache:
         return hetero_refresh.offload(self, cache)

@@ -10,8 +10,10 @@ list against reference row i: the authors' code pairs JSON order with ascending 
 defect in layers with 2+ pivots listed out of order) and, on drift, stores a refresh request for
 the host (``hetero_refresh``). ``check_impl`` chooses how the overlap is computed, all exact:
 "spread" (default) scores each step's query as it comes, from the logits of that step's own
-attention pass (``drift_scores``: no second pass over the prompt keys) and a histogram top-K cut
-(``topk_select``); "select" / "topk" score the buffered queries again at the check step.
+attention pass (``drift_scores``: no second pass over the prompt keys), and once per step, for all
+layers in one batch (``finish_step``, after the last layer), a histogram top-K cut
+(``topk_select``), the overlap and, at check steps, the check; "select" / "topk" score the
+buffered queries again at the check step, per layer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hetero_jax.attention import NEG_INF, pooled_scores
 from hetero_jax.cache.drift_scores import drift_scores
@@ -74,9 +77,93 @@ def _pivot_scores(p: LayerPlan, st: HeteroLayer, plen, q):
     return group_max_scores(q[..., None, :], keys[:, None], plen[:, None, None])
 
 
-def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache, logits=None) -> HeteroLayer:
-    """Buffer the pivots' queries qg (B, Hkv, G, D); every ``steps`` steps run the drift check.
-    ``logits`` (B, P, G, T): the pivots' scaled scores from this step's attention ("spread")."""
+def record_scores(policy, p: LayerPlan, st: HeteroLayer, qg, cache, logits) -> HeteroLayer:
+    """check_impl "spread", every step, per layer: buffer the pivots' queries qg (B, Hkv, G, D) and
+    keep this step's drift scores, from the attention's ``logits`` (B, P, G, T), in ``req``. The
+    top-K cut, the overlap and the check run once for all layers in ``finish_step``."""
+    ds = st.drift
+    qbuf = ds.qbuf.at[:, cache.step % policy.steps].set(qg[:, jnp.asarray([pv for pv, _ in p.monitored])]
+                                                        .astype(ds.qbuf.dtype))
+    now = drift_scores(logits, cache.lengths - cache.step)  # (B, P, T)
+    return dataclasses.replace(st, drift=dataclasses.replace(ds, qbuf=qbuf, req=now))
+
+
+def finish_step(policy, cache):
+    """check_impl "spread", once per step after every layer: this step's top-K cut and overlap of
+    every monitored pivot of every layer in one batch (B, sum P, T), then the check of the layers
+    due this step (all of them, or with ``stagger`` the layers of this step's phase), batched too.
+    The same decisions as a per-layer check: every row is cut and compared on its own."""
+    mon = [l for l, st in enumerate(cache.layers) if st.drift is not None]
+    if policy.check_impl != "spread" or not mon:
+        return cache
+    step, layers = cache.step, list(cache.layers)
+    slot = step % policy.steps
+    sizes = [layers[l].drift.ref.shape[1] for l in mon]
+    ends = np.cumsum(sizes).tolist()
+    spans = {l: slice(e - n, e) for l, n, e in zip(mon, sizes, ends)}  # each layer's rows of the batch
+    t = layers[mon[0]].T
+    kb = jnp.asarray(policy.base_table(t))[cache.lengths - step]  # (B,) the same K in every layer
+    now = jnp.concatenate([layers[l].drift.req for l in mon], 1)  # (B, sum P, T)
+    cut = topk_cut(now, kb[:, None])
+    ov = cut_overlap(now, cut, jnp.concatenate([layers[l].drift.ref for l in mon], 1), kb)  # (B, sum P)
+    for l in mon:
+        ds = layers[l].drift
+        layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
+            ds, ovbuf=ds.ovbuf.at[:, slot].set(ov[:, spans[l]])))
+    phases = {}
+    for l in mon:  # layers that check at the same steps are checked together
+        phases.setdefault(l % policy.steps if policy.stagger else 0, []).append(l)
+    for group in phases.values():
+        rows = np.concatenate([np.arange(spans[l].start, spans[l].stop) for l in group])
+        whole = len(rows) == now.shape[1]
+        sub = (lambda x: x) if whole else (lambda x: x[:, jnp.asarray(rows)])  # noqa: E731
+        carry = tuple((layers[l].drift.ref, layers[l].drift.flag, layers[l].drift.overlap, layers[l].drift.checks,
+                       layers[l].drift.refreshes, layers[l].drift.fired) for l in group)
+
+        def check(carry, group=group, sub=sub):
+            return _check(policy, step, [layers[l] for l in group], carry, sub(now), tuple(map(sub, cut)), kb)
+
+        carry = jax.lax.cond(checks_at(policy, group[0], step), check, lambda c: c, carry)
+        for l, (ref, flag, med, checks, refreshes, fired) in zip(group, carry):
+            layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
+                layers[l].drift, ref=ref, flag=flag, overlap=med, checks=checks, refreshes=refreshes, fired=fired))
+    return dataclasses.replace(cache, layers=tuple(layers))
+
+
+def _check(policy, step, sts, carry, now, cut, kb):
+    """The drift check of the layers ``sts`` (their pivots' rows of ``now`` and ``cut``, in order):
+    the median overlap over the window against each layer's threshold, and on a trigger the new
+    reference set and the refresh request (``flag``; ``req`` already holds this step's scores)."""
+    sizes = [c[0].shape[1] for c in carry]
+    ends = np.cumsum(sizes).tolist()
+    split = lambda x: [x[:, e - n: e] for n, e in zip(sizes, ends)]  # noqa: E731
+    ov = jnp.concatenate([st.drift.ovbuf for st in sts], 2)  # (B, W, P) with this step's overlaps
+    ref = jnp.concatenate([c[0] for c in carry], 1)  # (B, P, Kmax)
+    thr = jnp.concatenate([jnp.broadcast_to(st.drift.thr, (n,)) for st, n in zip(sts, sizes)])
+    if policy.trigger == "batch":
+        med = jnp.broadcast_to(jnp.median(ov.mean(0), axis=0), ov.shape[:1] + ov.shape[2:])
+    else:
+        med = jnp.median(ov, axis=1)
+    trig = med < thr
+    kmax = ref.shape[-1]
+    fill = -1 - kmax - jnp.arange(kmax)
+
+    def new_ref(ref):  # the new sets as index lists (position order), built on a trigger only
+        idx = compact_positions(cut_mask(now, cut), kmax, fill)
+        return jnp.where(trig[..., None], idx, ref).astype(jnp.int32)
+
+    ref = jax.lax.cond(trig.any(), new_ref, lambda x: x, ref)
+    out = []
+    for c, r, f, m in zip(carry, split(ref), split(trig), split(med.astype(jnp.float32))):
+        _, _, _, checks, refreshes, fired = c
+        out.append((r, f, m, checks + 1, refreshes + f.any(0).astype(jnp.int32),
+                    fired.at[step].set(f.any(), mode="drop")))
+    return tuple(out)
+
+
+def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> HeteroLayer:
+    """check_impl "select" / "topk", per layer: buffer the pivots' queries qg (B, Hkv, G, D); every
+    ``steps`` steps score the window's queries again over the pivots' prompt keys and check."""
     ds = st.drift
     step, n = cache.step, policy.steps
     slot = step % n
@@ -86,26 +173,18 @@ def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache, logits
     kb = jnp.asarray(policy.base_table(st.T))[plen]
     r = jnp.arange(kmax)
     inb = r[None, :] < kb[:, None]  # (B, Kmax)
-    ovbuf = ds.ovbuf
-    if policy.check_impl == "spread":  # this step's share of the check: its own query's overlap
-        now = drift_scores(logits, plen)  # (B, P, T)
-        now_cut = topk_cut(now, kb[:, None])
-        ovbuf = ovbuf.at[:, slot].set(cut_overlap(now, now_cut, ds.ref, kb))
 
     def check(carry):
         ref, req, flag, med, checks, refreshes, fired = carry
-        if policy.check_impl == "spread":
-            ov, last, last_cut = ovbuf, now, now_cut
-        else:
-            s = _pivot_scores(p, st, plen, qbuf)  # (B, W, P, T)
-            last = jnp.take(s, slot, axis=1)
-            if policy.check_impl == "select":
-                cut = topk_cut(s, kb[:, None, None])
-                ov = cut_overlap(s, cut, ref[:, None], kb)
-                last_cut = tuple(jnp.take(c, slot, axis=1) for c in cut)
-            else:  # the original: top-k index lists and their intersection
-                cur = jnp.where(inb[:, None, None, :], jax.lax.top_k(s, kmax)[1], -1 - r)
-                ov = topk_overlap(cur, ref[:, None]) * (kmax / jnp.maximum(kb, 1))[:, None, None]  # (B, W, P)
+        s = _pivot_scores(p, st, plen, qbuf)  # (B, W, P, T)
+        last = jnp.take(s, slot, axis=1)
+        if policy.check_impl == "select":
+            cut = topk_cut(s, kb[:, None, None])
+            ov = cut_overlap(s, cut, ref[:, None], kb)
+            last_cut = tuple(jnp.take(c, slot, axis=1) for c in cut)
+        else:  # the original: top-k index lists and their intersection
+            cur = jnp.where(inb[:, None, None, :], jax.lax.top_k(s, kmax)[1], -1 - r)
+            ov = topk_overlap(cur, ref[:, None]) * (kmax / jnp.maximum(kb, 1))[:, None, None]  # (B, W, P)
         if policy.trigger == "batch":
             med = jnp.broadcast_to(jnp.median(ov.mean(0), axis=0), flag.shape)
         else:
@@ -128,5 +207,5 @@ def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache, logits
     ref, req, flag, med, checks, refreshes, fired = jax.lax.cond(checks_at(policy, layer, step), check,
                                                                  lambda c: c, carry)
     ds = dataclasses.replace(ds, qbuf=qbuf, ref=ref, req=req, flag=flag, overlap=med, checks=checks,
-                             refreshes=refreshes, ovbuf=ovbuf, fired=fired)
+                             refreshes=refreshes, fired=fired)
     return dataclasses.replace(st, drift=ds)

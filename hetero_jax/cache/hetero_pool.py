@@ -75,7 +75,8 @@ class DriftState:
 
     qbuf: jax.Array  # (B, steps, P, G, D) buffered post-RoPE decode queries of the pivots' groups
     ref: jax.Array  # (B, P, Kmax) int32 reference set of each pivot (negative sentinels past K_b)
-    req: jax.Array  # (B, P, T) f32 the pivot's pooled scores at the last check (the refresh's source)
+    req: jax.Array  # (B, P, T) f32 the pivot's pooled scores at the last check, the refresh's source
+    # ("spread": this step's scores, written every step; after a check step they are the check's)
     flag: jax.Array  # (B, P) bool: refresh requested, not yet applied
     overlap: jax.Array  # (B, P) f32 median overlap measured at the last check
     checks: jax.Array  # (P,) int32 counters

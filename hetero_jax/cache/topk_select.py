@@ -7,7 +7,8 @@ found digit by digit, most significant first (11 + 11 + 10 bits): one histogram 
 among the keys that share the prefix chosen so far, a suffix sum, and the digit where the count
 of keys at or above it first reaches the remaining rank. Three histogram passes over T replace
 the 32 compare-and-count passes of a bitwise radix select. The tied positions at the K-th key
-are then taken lowest first with one cumulative count (instead of log2 T more passes).
+are then taken lowest first with one cumulative count (instead of log2 T more passes), and only
+when some row has more entries at the K-th key than it takes (rare for float scores).
 
 The result is a *cut*: (key, last), the K-th largest key and the last tied position taken. A
 position i is in the top K iff key[i] > key or (key[i] == key and i <= last). So the overlap of a
@@ -65,8 +66,14 @@ def topk_cut(s: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     u = sortable_key(s)
     v = kth_largest_key(u, jnp.maximum(k, 1))
     need = k - (u > v[..., None]).sum(-1)  # >= 1 tied entries to take, lowest positions first
-    tied = jnp.cumsum(u == v[..., None], axis=-1, dtype=jnp.int32)
-    last = (tied < need[..., None]).sum(-1)  # the position where the need-th tie sits
+    ties = (u == v[..., None]).sum(-1)
+
+    def some_ties(_):  # the position where the need-th tie sits
+        tied = jnp.cumsum(u == v[..., None], axis=-1, dtype=jnp.int32)
+        return (tied < need[..., None]).sum(-1)
+
+    # the usual case, every entry at the K-th key is taken: no cumulative count over T
+    last = jax.lax.cond((ties > need).any(), some_ties, lambda _: jnp.full(k.shape, t - 1, jnp.int32), None)
     none = k <= 0
     return jnp.where(none, jnp.uint32(0xFFFFFFFF), v), jnp.where(none, -1, jnp.minimum(last, t - 1)).astype(jnp.int32)
 
