@@ -121,7 +121,7 @@ def finish_step(policy, cache):
                        layers[l].drift.refreshes, layers[l].drift.fired) for l in group)
 
         def check(carry, group=group, sub=sub):
-            return _check(policy, step, [layers[l] for l in group], carry, sub(now), tuple(map(sub, cut)), kb)
+            return _check(policy, step, [layers[l] for l in group], carry, sub(now), tuple(map(sub, cut)))
 
         carry = jax.lax.cond(checks_at(policy, group[0], step), check, lambda c: c, carry)
         for l, (ref, flag, med, checks, refreshes, fired) in zip(group, carry):
@@ -130,35 +130,42 @@ def finish_step(policy, cache):
     return dataclasses.replace(cache, layers=tuple(layers))
 
 
-def _check(policy, step, sts, carry, now, cut, kb):
-    """The drift check of the layers ``sts`` (their pivots' rows of ``now`` and ``cut``, in order):
-    the median overlap over the window against each layer's threshold, and on a trigger the new
-    reference set and the refresh request (``flag``; ``req`` already holds this step's scores)."""
+def _check(policy, step, sts, carry, now, cut):
+    """The drift check of the layers ``sts`` (their pivots' rows of ``now`` and ``cut``, in order),
+    as one decision over all their pivots (``_decide``); ``req`` already holds this step's scores."""
     sizes = [c[0].shape[1] for c in carry]
     ends = np.cumsum(sizes).tolist()
     split = lambda x: [x[:, e - n: e] for n, e in zip(sizes, ends)]  # noqa: E731
     ov = jnp.concatenate([st.drift.ovbuf for st in sts], 2)  # (B, W, P) with this step's overlaps
     ref = jnp.concatenate([c[0] for c in carry], 1)  # (B, P, Kmax)
     thr = jnp.concatenate([jnp.broadcast_to(st.drift.thr, (n,)) for st, n in zip(sts, sizes)])
+    kmax = ref.shape[-1]
+    sets = lambda: compact_positions(cut_mask(now, cut), kmax, -1 - kmax - jnp.arange(kmax))  # noqa: E731
+    ref, trig, med = _decide(policy, ov, thr, ref, sets)
+    return tuple((r, f, m) + _counted(step, f, *c[3:])
+                 for c, r, f, m in zip(carry, split(ref), split(trig), split(med)))
+
+
+def _decide(policy, ov, thr, ref, sets):
+    """The decision every check_impl shares: ov (B, W, P) the window's overlaps, thr () or (P,), ref
+    (B, P, Kmax) -> (ref, trigger (B, P), median (B, P) f32). A pivot triggers when the median over
+    the window of its overlap (trigger "batch": of the batch-mean overlap, one decision for the
+    batch) is below thr; its reference set becomes its row of ``sets()`` (B, P, Kmax), a callable
+    so that the new sets are only built when some row triggers."""
     if policy.trigger == "batch":
         med = jnp.broadcast_to(jnp.median(ov.mean(0), axis=0), ov.shape[:1] + ov.shape[2:])
     else:
         med = jnp.median(ov, axis=1)
     trig = med < thr
-    kmax = ref.shape[-1]
-    fill = -1 - kmax - jnp.arange(kmax)
+    ref = jax.lax.cond(trig.any(), lambda r: jnp.where(trig[..., None], sets(), r).astype(jnp.int32),
+                       lambda r: r, ref)
+    return ref, trig, med.astype(jnp.float32)
 
-    def new_ref(ref):  # the new sets as index lists (position order), built on a trigger only
-        idx = compact_positions(cut_mask(now, cut), kmax, fill)
-        return jnp.where(trig[..., None], idx, ref).astype(jnp.int32)
 
-    ref = jax.lax.cond(trig.any(), new_ref, lambda x: x, ref)
-    out = []
-    for c, r, f, m in zip(carry, split(ref), split(trig), split(med.astype(jnp.float32))):
-        _, _, _, checks, refreshes, fired = c
-        out.append((r, f, m, checks + 1, refreshes + f.any(0).astype(jnp.int32),
-                    fired.at[step].set(f.any(), mode="drop")))
-    return tuple(out)
+def _counted(step, trig, checks, refreshes, fired):
+    """One layer's counters after a check with triggers ``trig`` (B, P): checks and refreshes per
+    pivot, and whether the check at ``step`` asked for any refresh."""
+    return checks + 1, refreshes + trig.any(0).astype(jnp.int32), fired.at[step].set(trig.any(), mode="drop")
 
 
 def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> HeteroLayer:
@@ -175,7 +182,7 @@ def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> Het
     inb = r[None, :] < kb[:, None]  # (B, Kmax)
 
     def check(carry):
-        ref, req, flag, med, checks, refreshes, fired = carry
+        ref, _, _, _, checks, refreshes, fired = carry
         s = _pivot_scores(p, st, plen, qbuf)  # (B, W, P, T)
         last = jnp.take(s, slot, axis=1)
         if policy.check_impl == "select":
@@ -185,23 +192,14 @@ def monitor(policy, layer: int, p: LayerPlan, st: HeteroLayer, qg, cache) -> Het
         else:  # the original: top-k index lists and their intersection
             cur = jnp.where(inb[:, None, None, :], jax.lax.top_k(s, kmax)[1], -1 - r)
             ov = topk_overlap(cur, ref[:, None]) * (kmax / jnp.maximum(kb, 1))[:, None, None]  # (B, W, P)
-        if policy.trigger == "batch":
-            med = jnp.broadcast_to(jnp.median(ov.mean(0), axis=0), flag.shape)
-        else:
-            med = jnp.median(ov, axis=1)
-        trig = med < ds.thr
 
-        def new_ref(ref):  # the new set as an index list (position order), built on a trigger only
+        def sets():  # the new sets as index lists (position order)
             if policy.check_impl == "topk":
-                idx = jnp.where(inb[:, None, :], jax.lax.top_k(last, kmax)[1], -1 - kmax - r)
-            else:
-                idx = compact_positions(cut_mask(last, last_cut), kmax, -1 - kmax - r)
-            return jnp.where(trig[..., None], idx, ref).astype(jnp.int32)
+                return jnp.where(inb[:, None, :], jax.lax.top_k(last, kmax)[1], -1 - kmax - r)
+            return compact_positions(cut_mask(last, last_cut), kmax, -1 - kmax - r)
 
-        ref = jax.lax.cond(trig.any(), new_ref, lambda x: x, ref)
-        fired = fired.at[step].set(trig.any(), mode="drop")
-        return (ref, last, trig, med.astype(jnp.float32), checks + 1, refreshes + trig.any(0).astype(jnp.int32),
-                fired)
+        ref, trig, med = _decide(policy, ov, ds.thr, ref, sets)
+        return (ref, last, trig, med) + _counted(step, trig, checks, refreshes, fired)
 
     carry = (ds.ref, ds.req, ds.flag, ds.overlap, ds.checks, ds.refreshes, ds.fired)
     ref, req, flag, med, checks, refreshes, fired = jax.lax.cond(checks_at(policy, layer, step), check,
