@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,34 @@ def run(params, cfg, policy, tokens, lengths, n_steps, max_new=None):
         outs.append(np.asarray(logits))
         caches.append(cache)
     return outs, caches
+
+
+class QueryTap:
+    """Every decode layer's queries by (step, layer), copied to the host from inside the jitted step:
+    what the drift check scored, read apart from the policy's own state."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def __call__(self, layer, step, q):
+        self.seen[(int(step), layer)] = np.asarray(q)
+
+    def group(self, step, layer, kv_head, kv_heads):
+        """KV head ``kv_head``'s group of query heads at decode step ``step`` -> (B, G, D)."""
+        q = self.seen[(step, layer)]
+        return q.reshape(q.shape[0], kv_heads, -1, q.shape[-1])[:, kv_head]
+
+
+@dataclasses.dataclass(frozen=True)
+class TappedHetero(HeteroCache):
+    """HeteroCache handing every decode layer's queries to ``tap`` (a QueryTap: hashed by identity,
+    so every tap gets its own jitted step)."""
+
+    tap: Any = None
+
+    def decode_layer(self, layer, st, q, k, v, cache):
+        jax.debug.callback(functools.partial(self.tap, layer), cache.step, q)
+        return super().decode_layer(layer, st, q, k, v, cache)
 
 
 def prompts(rng, lengths, t):
@@ -274,13 +303,13 @@ def test_threshold_zero_is_static_selection(seed):
 def test_drift_check_matches_numpy(seed, trigger):
     rng, cfg, prof, params, lengths, toks = _drift_setup(seed)
     thr = float(rng.uniform(0.2, 0.9))
-    pol = HeteroCache.create(cfg, ratio=0.5, profile=prof, threshold=thr, steps=5, trigger=trigger)
+    tap = QueryTap()
+    pol = TappedHetero.create(cfg, ratio=0.5, profile=prof, threshold=thr, steps=5, trigger=trigger, tap=tap)
     _, caches = run(params, cfg, pol, toks, lengths, 5)
     for l, (pivot, _) in enumerate([(0, None), (2, None)]):
         before, after = caches[4].layers[l], caches[5].layers[l]  # after 4 steps / after the 5th (check)
         p = pol.plan(l, 256, 6)
         kmax = after.drift.ref.shape[-1]
-        qbuf = np.asarray(after.drift.qbuf)
         ovs, last_sets = [], []
         for bi, n in enumerate(lengths):
             kb = prof.base_budget(0.5, n)
@@ -288,7 +317,7 @@ def test_drift_check_matches_numpy(seed, trigger):
             ref = set(np.asarray(before.drift.ref)[bi, 0, :kb].tolist())
             row = []
             for w in range(5):
-                sc = np_group_scores(qbuf[bi, w, 0], keys, n)
+                sc = np_group_scores(tap.group(w, l, pivot, cfg.num_kv_heads)[bi], keys, n)
                 cur = np.argsort(-sc, kind="stable")[:kb]
                 row.append(len(ref & set(cur.tolist())) / kb)
             ovs.append(row)
@@ -333,7 +362,8 @@ def test_each_pivot_is_compared_with_its_own_reference(seed):
                                                        cfg=cfg)[1][0])
     g = cfg.num_heads // cfg.num_kv_heads
     for profile in (from_file, as_listed):
-        pol = HeteroCache.create(cfg, ratio=0.75, profile=profile, steps=2)
+        tap = QueryTap()
+        pol = TappedHetero.create(cfg, ratio=0.75, profile=profile, steps=2, tap=tap)
         _, caches = run(params, cfg, pol, toks, lengths, 2)
         p = pol.plan(0, 256, 3)
         before, after = caches[1].layers[0], caches[2].layers[0]  # the check runs in decode step 1
@@ -343,9 +373,8 @@ def test_each_pivot_is_compared_with_its_own_reference(seed):
                 ref = np.asarray(before.drift.ref)[bi, i, :kb]
                 assert_topk_set(ref, np_group_scores(q[bi, n - 1, pivot * g:(pivot + 1) * g], k[bi, :, pivot], n), kb)
                 keys = np.asarray(head_rows(p, after, pivot)[0])[bi, :256]
-                ovs = [len(set(ref.tolist()) & set(np.argsort(-np_group_scores(np.asarray(after.drift.qbuf)[bi, w, i],
-                                                                              keys, n), kind="stable")[:kb].tolist())) / kb
-                       for w in range(2)]
+                ovs = [len(set(ref.tolist()) & set(np.argsort(-np_group_scores(tap.group(w, 0, pivot, 4)[bi], keys, n),
+                                                              kind="stable")[:kb].tolist())) / kb for w in range(2)]
                 assert abs(float(after.drift.overlap[bi, i]) - np.median(ovs)) <= 1.01 / kb, (pivot, bi)
 
 

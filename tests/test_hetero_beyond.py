@@ -17,7 +17,7 @@ from hetero_jax.cache.hetero import HeteroCache
 from hetero_jax.cache.hetero_drift import rate_update
 from hetero_jax.cache.hetero_pool import head_rows
 from hetero_jax.cache.topk_select import cut_overlap, topk_cut, topk_mask
-from tests.test_hetero import make_cfg, np_group_scores, prompts, random_profile
+from tests.test_hetero import QueryTap, TappedHetero, make_cfg, np_group_scores, prompts, random_profile
 
 
 # ------------------------------------------------------------------------------------ arithmetic
@@ -146,8 +146,9 @@ def checks_at(policy, layer, n_steps):
 def test_drift_check_matches_numpy_every_impl(seed, impl, stagger):
     rng, cfg, prof, params, lengths, toks = setup(seed, layers=3)
     thr = float(rng.uniform(0.3, 0.9))
-    pol = HeteroCache.create(cfg, ratio=0.5, profile=prof, threshold=thr, steps=3, check_impl=impl, stagger=stagger,
-                             trigger="batch")  # the numpy reference below is the batch-mean rule
+    tap = QueryTap()
+    pol = TappedHetero.create(cfg, ratio=0.5, profile=prof, threshold=thr, steps=3, check_impl=impl, stagger=stagger,
+                              trigger="batch", tap=tap)  # the numpy reference below is the batch-mean rule
     n = 9
     _, pre, post, _ = drive(params, cfg, pol, toks, lengths, n)
     pivots = [0, 2, 1]
@@ -162,10 +163,10 @@ def test_drift_check_matches_numpy_every_impl(seed, impl, stagger):
                 kb = prof.base_budget(0.5, length)
                 keys = np.asarray(head_rows(p, after, pivot)[0])[bi, :256]
                 ref = set(before.drift.ref[bi, 0, :kb].tolist())
-                sc = [np_group_scores(after.drift.qbuf[bi, w, 0], keys, length) for w in range(3)]
+                sc = [np_group_scores(tap.group(w, l, pivot, 4)[bi], keys, length) for w in range(s - 2, s + 1)]
                 ovs.append([len(ref & np_topk_set(x, kb)) / kb for x in sc])
-                lasts.append((sc[s % 3], kb))  # the newest query sits in slot step % steps
-                np.testing.assert_allclose(after.drift.req[bi, 0, :length], sc[s % 3], rtol=2e-4, atol=1e-7)
+                lasts.append((sc[-1], kb))  # the window's steps s-2..s, the check step's query last
+                np.testing.assert_allclose(after.drift.req[bi, 0, :length], sc[-1], rtol=2e-4, atol=1e-7)
             med = float(np.median(np.mean(ovs, 0)))
             got = float(after.drift.overlap[0, 0])
             assert abs(got - med) <= 1.01 / min(prof.base_budget(0.5, x) for x in lengths), (l, s, got, med)

@@ -179,7 +179,7 @@ class HeteroCache(CachePolicy):
         score_once = bool(p.monitored) and self.check_impl == "spread"  # the pivots' scores from this pass
         out, st, logits = append_and_attend(p, st, qg, k, v, cache.step, logits=score_once)
         if p.monitored:
-            st = (record_scores(self, p, st, qg, cache, logits) if score_once
+            st = (record_scores(st, cache, logits) if score_once
                   else monitor(self, layer, p, st, qg, cache))
             if st.pages is not None:
                 st = dataclasses.replace(st, pages=hetero_pages.update_scores(

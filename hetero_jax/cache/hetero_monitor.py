@@ -3,8 +3,8 @@ sections 3-4).
 
 Scores: a query's softmax over the prompt keys, pool5 per query head, max over the GQA group. At
 prefill the last prompt query scores every head (compressed heads keep their top cap_h tokens,
-pivots take their top K = base as the reference set). In decode, layers whose pivots have
-satellites buffer the pivots' queries; every ``steps`` steps the decode step compares the top-K
+pivots take their top K = base as the reference set). In decode, every ``steps`` steps the decode
+step of a layer whose pivots have satellites compares the top-K
 sets of the window's scores with each pivot's own reference set (pivot i of the layer's cluster
 list against reference row i: the authors' code pairs JSON order with ascending pivot order, a
 defect in layers with 2+ pivots listed out of order) and, on drift, stores a refresh request for
@@ -12,8 +12,8 @@ the host (``hetero_refresh``). ``check_impl`` chooses how the overlap is compute
 "spread" (default) scores each step's query as it comes, from the logits of that step's own
 attention pass (``drift_scores``: no second pass over the prompt keys), and once per step, for all
 layers in one batch (``finish_step``, after the last layer), a histogram top-K cut
-(``topk_select``), the overlap and, at check steps, the check; "select" / "topk" score the
-buffered queries again at the check step, per layer.
+(``topk_select``), the overlap and, at check steps, the check (no query is kept); "select" /
+"topk" buffer the pivots' queries and score the window's again at the check step, per layer.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def init_drift(policy, p: LayerPlan, scores, q, kt, vt, lengths, max_new: int) -
     idx = jax.lax.top_k(scores[:, jnp.asarray(pivots)], kmax)[1]  # (B, P, Kmax), row i = pivot i's own set
     r = jnp.arange(kmax)
     return DriftState(
-        qbuf=jnp.zeros((b, policy.steps, npv, g, d), q.dtype),
+        qbuf=None if policy.check_impl == "spread" else jnp.zeros((b, policy.steps, npv, g, d), q.dtype),
         ref=jnp.where(r < kb[:, None, None], idx, -1 - kmax - r).astype(jnp.int32),
         req=jnp.zeros((b, npv, t), jnp.float32),
         flag=jnp.zeros((b, npv), bool),
@@ -77,15 +77,12 @@ def _pivot_scores(p: LayerPlan, st: HeteroLayer, plen, q):
     return group_max_scores(q[..., None, :], keys[:, None], plen[:, None, None])
 
 
-def record_scores(policy, p: LayerPlan, st: HeteroLayer, qg, cache, logits) -> HeteroLayer:
-    """check_impl "spread", every step, per layer: buffer the pivots' queries qg (B, Hkv, G, D) and
-    keep this step's drift scores, from the attention's ``logits`` (B, P, G, T), in ``req``. The
-    top-K cut, the overlap and the check run once for all layers in ``finish_step``."""
-    ds = st.drift
-    qbuf = ds.qbuf.at[:, cache.step % policy.steps].set(qg[:, jnp.asarray([pv for pv, _ in p.monitored])]
-                                                        .astype(ds.qbuf.dtype))
+def record_scores(st: HeteroLayer, cache, logits) -> HeteroLayer:
+    """check_impl "spread", every step, per layer: keep this step's drift scores, from the
+    attention's ``logits`` (B, P, G, T), in ``req``. The top-K cut, the overlap and the check run
+    once for all layers in ``finish_step``, from the scores alone: no query is buffered."""
     now = drift_scores(logits, cache.lengths - cache.step)  # (B, P, T)
-    return dataclasses.replace(st, drift=dataclasses.replace(ds, qbuf=qbuf, req=now))
+    return dataclasses.replace(st, drift=dataclasses.replace(st.drift, req=now))
 
 
 def finish_step(policy, cache):

@@ -73,7 +73,8 @@ def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int) ->
 class DriftState:
     """The drift check's state in a layer with monitored pivots (P of them)."""
 
-    qbuf: jax.Array  # (B, steps, P, G, D) buffered post-RoPE decode queries of the pivots' groups
+    qbuf: Any  # (B, steps, P, G, D) buffered post-RoPE decode queries of the pivots' groups (check_impl
+    # "select" / "topk", which score them again at the check; None with "spread", which needs none)
     ref: jax.Array  # (B, P, Kmax) int32 reference set of each pivot (negative sentinels past K_b)
     req: jax.Array  # (B, P, T) f32 the pivot's pooled scores at the last check, the refresh's source
     # ("spread": this step's scores, written every step; after a check step they are the check's)
