@@ -18,7 +18,7 @@ from hetero_jax.cache import hetero_pages
 from hetero_jax.cache.duo import DuoAttention
 from hetero_jax.cache.full import FullKV
 from hetero_jax.cache.hetero_plus import HeteroPlus
-from tests.test_hetero import make_cfg, prompts, random_profile, run
+from tests.test_hetero import QueryTap, TappedHetero, make_cfg, prompts, random_profile, run
 
 
 def run_copies(params, cfg, policy, tokens, lengths, n_steps):
@@ -142,7 +142,7 @@ def test_device_bytes_follow_the_ratio(seed, name, ratio):
     per_token = cfg.kv_bytes_per_token()
     target = ratio * t * per_token + max_new * per_token
     extra = 0
-    if name == "hetero_plus":  # the drift state (queries, reference sets, request scores) is not KV
+    if name == "hetero_plus":  # the drift state (reference sets, scores, queries) is not KV
         extra = sum(hetero_plus_drift_bytes(st) for st in caches[0].layers)
         bounds = sum(st.pages.kmin.nbytes + st.pages.kmax.nbytes for st in caches[0].layers if st.pages is not None)
         assert bounds > 0
@@ -160,7 +160,8 @@ def test_device_bytes_follow_the_ratio(seed, name, ratio):
 def hetero_plus_drift_bytes(st):
     if st.drift is None:
         return 0
-    return sum(x.nbytes for x in jax.tree.leaves(st.drift)) + st.pages.score.nbytes + st.pages.plen.nbytes
+    pages = sum(x.nbytes for x in jax.tree.leaves(st.pages)) - st.pages.kmin.nbytes - st.pages.kmax.nbytes
+    return sum(x.nbytes for x in jax.tree.leaves(st.drift)) + pages
 
 
 # ------------------------------------------------------------------------------------ sink / recent
@@ -236,6 +237,34 @@ def test_page_scores_match_numpy_and_bound_every_key(seed):
             exact = q[bi, j].astype(np.float64) @ kt[bi, j, :plen[bi]].astype(np.float64).T  # (G, n)
             for i in range(-(-plen[bi] // page)):  # an upper bound of every real key's q.k in the page
                 assert exact[:, i * page:(i + 1) * page].max() <= got[bi, j, i] + 1e-4
+
+
+@pytest.mark.parametrize("impl,stagger", [("spread", False), ("select", True)])
+def test_page_scores_at_each_check_are_the_satellites_own(seed, impl, stagger):
+    """At every check step of a layer (its phase with ``stagger``) its satellites' page scores are
+    those of their own query of that step (the queries the attention got, tapped), float64
+    numpy; at the other steps they do not move."""
+    rng, cfg, prof, params, lengths, toks, _ = _plus_setup(seed)
+    tap, n, page = QueryTap(), 7, 32
+    pol = TappedHetero.create(cfg, ratio=0.5, profile=prof, sink=4, recent=64, refresh_by="pages", page_size=page,
+                              steps=3, check_impl=impl, stagger=stagger, threshold=float(rng.uniform(0.3, 0.9)),
+                              tap=tap)
+    caches, _ = run_copies(params, cfg, pol, toks, lengths, n)
+    host = caches[-1].host.kv
+    for l in range(2):
+        p, phase = pol.plan(l, 256, n + 1), l % 3 if stagger else 0
+        due = [s for s in range(n) if s + 1 - phase > 0 and (s + 1 - phase) % 3 == 0]
+        assert len(due) >= 2
+        for s in range(n):
+            got, before = caches[s + 1].layers[l].pages.score, caches[s].layers[l].pages.score
+            if s not in due:
+                np.testing.assert_array_equal(got, before)
+                continue
+            for bi, length in enumerate(lengths):
+                for i, j in enumerate(p.sats):
+                    keys = np.asarray(host[l][0])[bi, i]
+                    want = np_page_scores(tap.group(s, l, j, cfg.num_kv_heads)[bi], keys, length, page)
+                    np.testing.assert_allclose(got[bi, i], want, rtol=1e-5, atol=1e-4)
 
 
 def test_page_selection_matches_numpy(seed):

@@ -161,7 +161,7 @@ class HeteroCache(CachePolicy):
         if p.monitored:
             st = dataclasses.replace(st, drift=init_drift(self, p, scores, q, kt, vt, lengths, max_new_tokens))
             if self.refresh_by == "pages":
-                st = dataclasses.replace(st, pages=hetero_pages.init_pages(self, p, kt, lengths))
+                st = dataclasses.replace(st, pages=hetero_pages.init_pages(self, p, kt, q, lengths))
         return st
 
     def _window_scores(self, q, k, lengths, keeps):
@@ -181,13 +181,13 @@ class HeteroCache(CachePolicy):
         if p.monitored:
             st = (record_scores(st, cache, logits) if score_once
                   else monitor(self, layer, p, st, qg, cache))
-            if st.pages is not None:
-                st = dataclasses.replace(st, pages=hetero_pages.update_scores(
-                    self, p, st.pages, qg, checks_at(self, layer, cache.step)))
+            if st.pages is not None:  # scored at a check step by finish_step
+                st = dataclasses.replace(st, pages=hetero_pages.keep_query(p, st.pages, qg))
         return out.reshape(q.shape), st
 
     def finish_step(self, cache: Cache) -> Cache:
-        """check_impl "spread": every layer's drift-check work of this step in one batch."""
+        """Every layer's drift-check work of this step that can run in one batch (check_impl
+        "spread", refresh_by "pages")."""
         return finish_step(self, cache)
 
     def after_prefill(self, cache: Cache) -> Cache:

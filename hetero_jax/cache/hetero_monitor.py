@@ -3,17 +3,17 @@ sections 3-4).
 
 Scores: a query's softmax over the prompt keys, pool5 per query head, max over the GQA group. At
 prefill the last prompt query scores every head (compressed heads keep their top cap_h tokens,
-pivots take their top K = base as the reference set). In decode, every ``steps`` steps the decode
-step of a layer whose pivots have satellites compares the top-K
-sets of the window's scores with each pivot's own reference set (pivot i of the layer's cluster
-list against reference row i: the authors' code pairs JSON order with ascending pivot order, a
-defect in layers with 2+ pivots listed out of order) and, on drift, stores a refresh request for
-the host (``hetero_refresh``). ``check_impl`` chooses how the overlap is computed, all exact:
-"spread" (default) scores each step's query as it comes, from the logits of that step's own
-attention pass (``drift_scores``: no second pass over the prompt keys), and once per step, for all
-layers in one batch (``finish_step``, after the last layer), a histogram top-K cut
-(``topk_select``), the overlap and, at check steps, the check (no query is kept); "select" /
-"topk" buffer the pivots' queries and score the window's again at the check step, per layer.
+pivots take their top K = base as the reference set). In decode, every ``steps`` steps a layer
+whose pivots have satellites compares the top-K sets of the window's scores with each pivot's
+own reference set (pivot i of the layer's cluster list against reference row i: the authors'
+code pairs JSON order with ascending pivot order, a defect in layers with 2+ pivots listed out of
+order) and, on drift, stores a refresh request for the host (``hetero_refresh``). ``check_impl``
+chooses how the overlap is computed, all exact: "spread" (default) scores each step's query as it
+comes, from the logits of that step's own attention pass (``drift_scores``: no second pass over
+the prompt keys), and once per step, for all layers in one batch (``finish_step``, after the last
+layer), a histogram top-K cut (``topk_select``), the overlap and, at check steps, the check (no
+query is kept); "select" / "topk" buffer the pivots' queries and score the window's again at the
+check step, per layer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetero_jax.attention import NEG_INF, pooled_scores
+from hetero_jax.cache import hetero_pages
 from hetero_jax.cache.drift_scores import drift_scores
 from hetero_jax.cache.hetero_drift import compact_positions
 from hetero_jax.cache.hetero_pool import DriftState, HeteroLayer, LayerPlan, prompt_keys
@@ -86,45 +87,65 @@ def record_scores(st: HeteroLayer, cache, logits) -> HeteroLayer:
 
 
 def finish_step(policy, cache):
-    """check_impl "spread", once per step after every layer: this step's top-K cut and overlap of
-    every monitored pivot of every layer in one batch (B, sum P, T), then the check of the layers
-    due this step (all of them, or with ``stagger`` the layers of this step's phase), batched too.
-    The same decisions as a per-layer check: every row is cut and compared on its own."""
+    """Once per decode step, after every layer: the drift checks' work that spans layers, with one
+    conditional per group of layers that check at the same steps (all of them, or with ``stagger``
+    those of one phase) instead of one per layer. check_impl "spread": this step's top-K cut and
+    overlap of every monitored pivot of every layer in one batch (B, sum P, T), then the check of
+    the group due, batched too (the same decisions as a per-layer check: every row is cut and
+    compared on its own). refresh_by "pages": at a check step, the satellites' page scores of the
+    queries their layer kept (``hetero_pages``)."""
     mon = [l for l, st in enumerate(cache.layers) if st.drift is not None]
-    if policy.check_impl != "spread" or not mon:
+    spread, paged = policy.check_impl == "spread", policy.refresh_by == "pages"
+    if not mon or not (spread or paged):
         return cache
     step, layers = cache.step, list(cache.layers)
-    slot = step % policy.steps
-    sizes = [layers[l].drift.ref.shape[1] for l in mon]
-    ends = np.cumsum(sizes).tolist()
-    spans = {l: slice(e - n, e) for l, n, e in zip(mon, sizes, ends)}  # each layer's rows of the batch
-    t = layers[mon[0]].T
-    kb = jnp.asarray(policy.base_table(t))[cache.lengths - step]  # (B,) the same K in every layer
-    now = jnp.concatenate([layers[l].drift.req for l in mon], 1)  # (B, sum P, T)
-    cut = topk_cut(now, kb[:, None])
-    ov = cut_overlap(now, cut, jnp.concatenate([layers[l].drift.ref for l in mon], 1), kb)  # (B, sum P)
-    for l in mon:
-        ds = layers[l].drift
-        layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
-            ds, ovbuf=ds.ovbuf.at[:, slot].set(ov[:, spans[l]])))
+    if spread:
+        layers, now, cut, spans = _step_overlaps(policy, layers, mon, step, cache.lengths - step)
     phases = {}
     for l in mon:  # layers that check at the same steps are checked together
         phases.setdefault(l % policy.steps if policy.stagger else 0, []).append(l)
     for group in phases.values():
-        rows = np.concatenate([np.arange(spans[l].start, spans[l].stop) for l in group])
-        whole = len(rows) == now.shape[1]
-        sub = (lambda x: x) if whole else (lambda x: x[:, jnp.asarray(rows)])  # noqa: E731
-        carry = tuple((layers[l].drift.ref, layers[l].drift.flag, layers[l].drift.overlap, layers[l].drift.checks,
-                       layers[l].drift.refreshes, layers[l].drift.fired) for l in group)
+        drift = tuple((layers[l].drift.ref, layers[l].drift.flag, layers[l].drift.overlap, layers[l].drift.checks,
+                       layers[l].drift.refreshes, layers[l].drift.fired) for l in group) if spread else ()
+        scores = tuple(layers[l].pages.score for l in group) if paged else ()
 
-        def check(carry, group=group, sub=sub):
-            return _check(policy, step, [layers[l] for l in group], carry, sub(now), tuple(map(sub, cut)))
+        def due(carry, group=group):
+            drift, scores = carry
+            if spread:
+                rows = np.concatenate([np.arange(spans[l].start, spans[l].stop) for l in group])
+                sub = (lambda x: x) if len(rows) == now.shape[1] else (lambda x: x[:, jnp.asarray(rows)])  # noqa: E731
+                drift = _check(policy, step, [layers[l] for l in group], drift, sub(now), tuple(map(sub, cut)))
+            if paged:
+                scores = tuple(hetero_pages.check_scores(policy, layers[l].pages) for l in group)
+            return drift, scores
 
-        carry = jax.lax.cond(checks_at(policy, group[0], step), check, lambda c: c, carry)
-        for l, (ref, flag, med, checks, refreshes, fired) in zip(group, carry):
+        drift, scores = jax.lax.cond(checks_at(policy, group[0], step), due, lambda c: c, (drift, scores))
+        for l, (ref, flag, med, checks, refreshes, fired) in zip(group, drift):
             layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
                 layers[l].drift, ref=ref, flag=flag, overlap=med, checks=checks, refreshes=refreshes, fired=fired))
+        for l, score in zip(group, scores):
+            layers[l] = dataclasses.replace(layers[l], pages=dataclasses.replace(layers[l].pages, score=score))
     return dataclasses.replace(cache, layers=tuple(layers))
+
+
+def _step_overlaps(policy, layers, mon, step, plen):
+    """check_impl "spread": this step's scores ``req`` of the pivots of layers ``mon`` in one batch
+    (B, sum P, T), their top-K cut and its overlap with the reference sets, written to each
+    layer's window (``ovbuf``) -> (layers, scores, cut, each layer's rows of the batch)."""
+    slot = step % policy.steps
+    sizes = [layers[l].drift.ref.shape[1] for l in mon]
+    ends = np.cumsum(sizes).tolist()
+    spans = {l: slice(e - n, e) for l, n, e in zip(mon, sizes, ends)}
+    kb = jnp.asarray(policy.base_table(layers[mon[0]].T))[plen]  # (B,) the same K in every layer
+    now = jnp.concatenate([layers[l].drift.req for l in mon], 1)  # (B, sum P, T)
+    cut = topk_cut(now, kb[:, None])
+    ov = cut_overlap(now, cut, jnp.concatenate([layers[l].drift.ref for l in mon], 1), kb)  # (B, sum P)
+    layers = list(layers)
+    for l in mon:
+        ds = layers[l].drift
+        layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
+            ds, ovbuf=ds.ovbuf.at[:, slot].set(ov[:, spans[l]])))
+    return layers, now, cut, spans
 
 
 def _check(policy, step, sts, carry, now, cut):

@@ -10,15 +10,18 @@ Both are options of the ``hetero`` policy (``sink``, ``recent``, ``refresh_by="p
   and max of its keys (B, S, pages, D) stay on device (2 x D values per page: one KV row's bytes,
   so 1/page_size of the satellite's full prompt KV, and the budgets shrink to pay for them).
   A query's upper bound on q.k inside a page is sum_d max(q_d min_d, q_d max_d) (Quest); the
-  group's query heads reduce by max. At each drift check every satellite scores the pages with
-  its own query; when its pivot triggers, the satellite keeps its forced tokens plus the tokens
-  of its best pages, ``cap_j`` tokens in all (ties to the lowest position, so whole pages in bound
-  order, the last one cut), read from the host copy. The pivot still decides *when*.
+  group's query heads reduce by max. Every decode step a layer keeps its satellites' queries
+  (``keep_query``); at a drift check the step's ``finish_step`` scores the pages with them, for
+  all layers due in the one conditional of their check (``check_scores``). When its pivot
+  triggers, the satellite keeps its forced tokens plus the tokens of its best pages, ``cap_j``
+  tokens in all (ties to the lowest position, so whole pages in bound order, the last one cut),
+  read from the host copy. The pivot still decides *when*.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,7 @@ class PageState:
     kmax: jax.Array  # (B, S, pages, D) max of the keys
     score: jax.Array  # (B, S, pages) f32 page bounds of each satellite's query at the last check
     plen: jax.Array  # (B,) int32 real prompt length
+    query: Any = None  # (B, S, G, D) this decode step's queries of the satellites (init_pages on)
 
 
 def force_kept(scores, lengths, sink: int, recent: int):
@@ -95,19 +99,25 @@ def select_rows(policy, p, pages: PageState, flag, keep, pi: int, live) -> tuple
     return pos, m & flag[:, pi, None, None]
 
 
-def init_pages(policy, p, kt, lengths) -> PageState:
-    """Bounds of the layer's satellites (stage-slot order) from the prompt's head-major keys."""
+def init_pages(policy, p, kt, q, lengths) -> PageState:
+    """Bounds of the layer's satellites (stage-slot order) from the prompt's head-major keys kt
+    (B, Hkv, T, D); a query slot per satellite shaped as the prompt's queries q (B, T, Hq, D)."""
+    b, hkv, _, d = kt.shape
     kmin, kmax = page_bounds(kt[:, jnp.asarray(p.sats)], lengths, policy.page_size)
-    return PageState(kmin, kmax, jnp.zeros(kmin.shape[:3], jnp.float32), lengths.astype(jnp.int32))
+    query = jnp.zeros((b, len(p.sats), q.shape[2] // hkv, d), q.dtype)
+    return PageState(kmin, kmax, jnp.zeros(kmin.shape[:3], jnp.float32), lengths.astype(jnp.int32), query)
 
 
-def update_scores(policy, p, pages: PageState, qg, is_check) -> PageState:
-    """At a check step, each satellite scores the pages with its own query qg[:, sat] (B, G, D)."""
-    def score(pg):
-        s = page_scores(qg[:, jnp.asarray(p.sats)], pg.kmin, pg.kmax, pg.plen, policy.page_size)
-        return dataclasses.replace(pg, score=s)
+def keep_query(p, pages: PageState, qg) -> PageState:
+    """Every decode step, per layer: the satellites' queries qg[:, sats] (qg (B, Hkv, G, D)), for
+    ``check_scores`` in the step's ``finish_step`` (a few bytes written each step buy one
+    conditional per check group instead of one per layer)."""
+    return dataclasses.replace(pages, query=qg[:, jnp.asarray(p.sats)].astype(pages.query.dtype))
 
-    return jax.lax.cond(is_check, score, lambda pg: pg, pages)
+
+def check_scores(policy, pages: PageState) -> jax.Array:
+    """At a check step: each satellite's page scores (B, S, pages) of its kept query."""
+    return page_scores(pages.query, pages.kmin, pages.kmax, pages.plen, policy.page_size)
 
 
 def overhead_ratio(policy) -> float:
