@@ -44,7 +44,7 @@ from hetero_jax.cache import hetero_pages, hetero_refresh
 from hetero_jax.cache.base import Cache, CachePolicy, array_bytes
 from hetero_jax.cache.hetero_drift import in_position_order
 from hetero_jax.cache.hetero_monitor import (checks_at, finish_step, group_max_scores, init_drift, monitor,
-                                             record_scores)
+                                             record_logits)
 from hetero_jax.cache.hetero_pool import LayerPlan, append_and_attend, layer_plan, store_prompt
 from hetero_jax.cache.selection import forced_scores, head_major, window_votes
 from hetero_jax.profile_io import Profile, as_profile
@@ -179,7 +179,7 @@ class HeteroCache(CachePolicy):
         score_once = bool(p.monitored) and self.check_impl == "spread"  # the pivots' scores from this pass
         out, st, logits = append_and_attend(p, st, qg, k, v, cache.step, logits=score_once)
         if p.monitored:
-            st = (record_scores(st, cache, logits) if score_once
+            st = (record_logits(st, logits) if score_once
                   else monitor(self, layer, p, st, qg, cache))
             if st.pages is not None:  # scored at a check step by finish_step
                 st = dataclasses.replace(st, pages=hetero_pages.keep_query(p, st.pages, qg))

@@ -10,9 +10,9 @@ code pairs JSON order with ascending pivot order, a defect in layers with 2+ piv
 order) and, on drift, stores a refresh request for the host (``hetero_refresh``). ``check_impl``
 chooses how the overlap is computed, all exact: "spread" (default) scores each step's query as it
 comes, from the logits of that step's own attention pass (``drift_scores``: no second pass over
-the prompt keys), and once per step, for all layers in one batch (``finish_step``, after the last
-layer), a histogram top-K cut (``topk_select``), the overlap and, at check steps, the check (no
-query is kept); "select" / "topk" buffer the pivots' queries and score the window's again at the
+the prompt keys), once per step for all layers in one batch (``finish_step``, after the last
+layer): the scores, a histogram top-K cut (``topk_select``), the overlap and, at check steps, the
+check (no query is kept); "select" / "topk" buffer the pivots' queries and score the window's again at the
 check step, per layer.
 """
 
@@ -62,6 +62,7 @@ def init_drift(policy, p: LayerPlan, scores, q, kt, vt, lengths, max_new: int) -
         thr=jnp.asarray(policy.threshold, jnp.float32),
         fired=jnp.zeros((max(max_new, 1),), bool),
         ovbuf=jnp.ones((b, policy.steps, npv), jnp.float32) if policy.check_impl == "spread" else None,
+        logits=jnp.zeros((b, npv, g, t), jnp.float32) if policy.check_impl == "spread" else None,
         stage=(kt[:, jnp.asarray(p.sats)], vt[:, jnp.asarray(p.sats)]),
     )
 
@@ -78,12 +79,12 @@ def _pivot_scores(p: LayerPlan, st: HeteroLayer, plen, q):
     return group_max_scores(q[..., None, :], keys[:, None], plen[:, None, None])
 
 
-def record_scores(st: HeteroLayer, cache, logits) -> HeteroLayer:
-    """check_impl "spread", every step, per layer: keep this step's drift scores, from the
-    attention's ``logits`` (B, P, G, T), in ``req``. The top-K cut, the overlap and the check run
-    once for all layers in ``finish_step``, from the scores alone: no query is buffered."""
-    now = drift_scores(logits, cache.lengths - cache.step)  # (B, P, T)
-    return dataclasses.replace(st, drift=dataclasses.replace(st.drift, req=now))
+def record_logits(st: HeteroLayer, logits) -> HeteroLayer:
+    """check_impl "spread", every step, per layer: keep the pivots' attention ``logits``
+    (B, P, G, T) of this step. ``finish_step`` turns every layer's into drift scores at once (one
+    softmax and pool over all layers instead of a handful of small ops per layer), cuts them and
+    checks from the scores alone: no query is buffered."""
+    return dataclasses.replace(st, drift=dataclasses.replace(st.drift, logits=logits))
 
 
 def finish_step(policy, cache):
@@ -106,7 +107,8 @@ def finish_step(policy, cache):
         phases.setdefault(l % policy.steps if policy.stagger else 0, []).append(l)
     for group in phases.values():
         drift = tuple((layers[l].drift.ref, layers[l].drift.flag, layers[l].drift.overlap, layers[l].drift.checks,
-                       layers[l].drift.refreshes, layers[l].drift.fired) for l in group) if spread else ()
+                       layers[l].drift.refreshes, layers[l].drift.fired, layers[l].drift.req)
+                      for l in group) if spread else ()
         scores = tuple(layers[l].pages.score for l in group) if paged else ()
 
         def due(carry, group=group):
@@ -114,43 +116,47 @@ def finish_step(policy, cache):
             if spread:
                 rows = np.concatenate([np.arange(spans[l].start, spans[l].stop) for l in group])
                 sub = (lambda x: x) if len(rows) == now.shape[1] else (lambda x: x[:, jnp.asarray(rows)])  # noqa: E731
-                drift = _check(policy, step, [layers[l] for l in group], drift, sub(now), tuple(map(sub, cut)))
+                checked = _check(policy, step, [layers[l] for l in group], [c[:-1] for c in drift], sub(now),
+                                 tuple(map(sub, cut)))
+                drift = tuple(c + (now[:, spans[l]],) for c, l in zip(checked, group))  # req: the check's scores
             if paged:
                 scores = tuple(hetero_pages.check_scores(policy, layers[l].pages) for l in group)
             return drift, scores
 
         drift, scores = jax.lax.cond(checks_at(policy, group[0], step), due, lambda c: c, (drift, scores))
-        for l, (ref, flag, med, checks, refreshes, fired) in zip(group, drift):
+        for l, (ref, flag, med, checks, refreshes, fired, req) in zip(group, drift):
             layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
-                layers[l].drift, ref=ref, flag=flag, overlap=med, checks=checks, refreshes=refreshes, fired=fired))
+                layers[l].drift, ref=ref, flag=flag, overlap=med, checks=checks, refreshes=refreshes, fired=fired,
+                req=req))
         for l, score in zip(group, scores):
             layers[l] = dataclasses.replace(layers[l], pages=dataclasses.replace(layers[l].pages, score=score))
     return dataclasses.replace(cache, layers=tuple(layers))
 
 
 def _step_overlaps(policy, layers, mon, step, plen):
-    """check_impl "spread": this step's scores ``req`` of the pivots of layers ``mon`` in one batch
-    (B, sum P, T), their top-K cut and its overlap with the reference sets, written to each
-    layer's window (``ovbuf``) -> (layers, scores, cut, each layer's rows of the batch)."""
+    """check_impl "spread": this step's drift scores of the pivots of layers ``mon`` in one batch
+    (B, sum P, T) from their kept logits, the scores' top-K cut and its overlap with the reference
+    sets, written to each layer's window (``ovbuf``) -> (layers, scores, cut, each layer's rows of
+    the batch)."""
     slot = step % policy.steps
     sizes = [layers[l].drift.ref.shape[1] for l in mon]
     ends = np.cumsum(sizes).tolist()
     spans = {l: slice(e - n, e) for l, n, e in zip(mon, sizes, ends)}
     kb = jnp.asarray(policy.base_table(layers[mon[0]].T))[plen]  # (B,) the same K in every layer
-    now = jnp.concatenate([layers[l].drift.req for l in mon], 1)  # (B, sum P, T)
+    now = drift_scores(jnp.concatenate([layers[l].drift.logits for l in mon], 1), plen)  # (B, sum P, T)
     cut = topk_cut(now, kb[:, None])
     ov = cut_overlap(now, cut, jnp.concatenate([layers[l].drift.ref for l in mon], 1), kb)  # (B, sum P)
     layers = list(layers)
     for l in mon:
         ds = layers[l].drift
         layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
-            ds, ovbuf=ds.ovbuf.at[:, slot].set(ov[:, spans[l]])))
+            ds, ovbuf=jax.lax.dynamic_update_index_in_dim(ds.ovbuf, ov[:, spans[l]], slot, 1)))
     return layers, now, cut, spans
 
 
 def _check(policy, step, sts, carry, now, cut):
     """The drift check of the layers ``sts`` (their pivots' rows of ``now`` and ``cut``, in order),
-    as one decision over all their pivots (``_decide``); ``req`` already holds this step's scores."""
+    as one decision over all their pivots (``_decide``)."""
     sizes = [c[0].shape[1] for c in carry]
     ends = np.cumsum(sizes).tolist()
     split = lambda x: [x[:, e - n: e] for n, e in zip(sizes, ends)]  # noqa: E731

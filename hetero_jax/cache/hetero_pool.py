@@ -78,7 +78,6 @@ class DriftState:
     # "select" / "topk", which score them again at the check; None with "spread", which needs none)
     ref: jax.Array  # (B, P, Kmax) int32 reference set of each pivot (negative sentinels past K_b)
     req: jax.Array  # (B, P, T) f32 the pivot's pooled scores at the last check, the refresh's source
-    # ("spread": this step's scores, written every step; after a check step they are the check's)
     flag: jax.Array  # (B, P) bool: refresh requested, not yet applied
     overlap: jax.Array  # (B, P) f32 median overlap measured at the last check
     checks: jax.Array  # (P,) int32 counters
@@ -87,6 +86,7 @@ class DriftState:
     thr: jax.Array  # () f32 drift threshold in force (constant unless threshold_mode="rate")
     fired: jax.Array  # (max_new,) bool: a check at that decode step asked for a refresh (for stats)
     ovbuf: Any = None  # (B, steps, P) f32 per-step overlaps (check_impl="spread")
+    logits: Any = None  # (B, P, G, T) f32 this step's pivot logits, scored in finish_step ("spread")
     stage: Any = None  # (k, v) (B, S, T, D) satellites' prompt KV until after_prefill offloads it
 
 
