@@ -10,6 +10,13 @@ budgets) then the generated ones. Each block is one batched attention with per-h
 no mask over other heads' rows; each head's softmax runs inside its own block, so the two
 blocks' outputs are put back in head order and need no merge. Device bytes are what the blocks
 allocate: F x T + C x Cmax prompt rows (the padding of the compressed heads to Cmax is counted).
+
+On a mesh with ``model`` = M > 1 (``shards``) the KV heads split contiguously as the params' do
+(shard s owns heads [s Hkv/M, (s+1) Hkv/M)) and each block is laid out shard-major: F = M x Fs,
+Fs the most full heads any shard owns in the layer (C = M x Cs likewise), shard s's heads in slots
+[s Fs, s Fs + its count), the rest empty (slot head -1: zeros, length 0, writes dropped, outputs
+never read). Axis 1 of each block then splits over ``model`` and every device holds its own
+heads' rows; the empty slots are allocated device bytes and are counted. M = 1 is the plain layout.
 Everything that knows this layout is in this file (building the blocks, appending + attending in
 decode, reading a head's rows, writing refreshed rows); the policy and its drift check go
 through it.
@@ -36,10 +43,11 @@ class LayerPlan:
     keep_tables: tuple  # per head: (T+1,) int32 prompt rows kept for each real length
     monitored: tuple  # ((pivot, (satellite, ...)), ...) when refresh applies, in the profile's order
     sats: tuple  # satellites of the layer, in stage-slot order
-    full_heads: tuple  # the heads of the full block, in slot order
-    comp_heads: tuple  # the heads of the compressed block, in slot order
+    full_heads: tuple  # the heads of the full block, in slot order (-1: an empty slot, shards > 1)
+    comp_heads: tuple  # the heads of the compressed block, in slot order (-1: empty)
     slots: tuple  # per head: its slot in its block
     cmax: int  # prompt slots per compressed head (the layer's largest compressed budget)
+    shards: int = 1  # devices the KV heads split over (``model``)
 
     @property
     def head_order(self) -> tuple:
@@ -51,8 +59,18 @@ class LayerPlan:
         return len(self.full_heads) * t + len(self.comp_heads) * self.cmax
 
 
-def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int) -> LayerPlan:
-    """The static layout of ``layer`` for prompts padded to ``t`` tokens and ``max_new`` new ones."""
+def _shard_major(heads: list, hkv: int, shards: int) -> tuple:
+    """A block's heads in slot order: each shard's own heads, padded with -1 to the most any
+    shard has (the heads themselves when shards = 1)."""
+    per = hkv // shards
+    groups = [[h for h in heads if h // per == s] for s in range(shards)]
+    n = max(len(g) for g in groups)
+    return tuple(x for g in groups for x in g + [-1] * (n - len(g)))
+
+
+def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int, shards: int = 1) -> LayerPlan:
+    """The static layout of ``layer`` for prompts padded to ``t`` tokens and ``max_new`` new ones,
+    its heads split over ``shards`` devices (which must divide the KV heads)."""
     hkv = len(prof.roles[layer])
     full = tuple(ratio >= 1.0 or prof.is_full(layer, h) for h in range(hkv))
     caps = tuple(prof.head_budget(layer, h, ratio, t) for h in range(hkv))
@@ -61,11 +79,13 @@ def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int) ->
     compressing = ratio < 1.0 and prof.base_budget(ratio, t) >= 1
     monitored = tuple(prof.clusters[layer]) if compressing else ()
     sats = tuple(s for _, ss in monitored for s in ss)
-    full_heads = tuple(h for h in range(hkv) if full[h])
-    comp_heads = tuple(h for h in range(hkv) if not full[h])
+    if hkv % shards:
+        raise ValueError(f"{shards} shards do not divide the {hkv} KV heads of layer {layer}")
+    full_heads = _shard_major([h for h in range(hkv) if full[h]], hkv, shards)
+    comp_heads = _shard_major([h for h in range(hkv) if not full[h]], hkv, shards)
     slots = tuple((full_heads if full[h] else comp_heads).index(h) for h in range(hkv))
-    cmax = max((caps[h] for h in comp_heads), default=0)
-    return LayerPlan(full, caps, tables, monitored, sats, full_heads, comp_heads, slots, cmax)
+    cmax = max((caps[h] for h in comp_heads if h >= 0), default=0)
+    return LayerPlan(full, caps, tables, monitored, sats, full_heads, comp_heads, slots, cmax, shards)
 
 
 @jax.tree_util.register_dataclass
@@ -100,6 +120,7 @@ class HeteroLayer:
     pages: Any = None  # hetero_pages.PageState: satellites' page key bounds (refresh_by="pages")
     T: int = dataclasses.field(default=0, metadata=dict(static=True))
     max_new: int = dataclasses.field(default=0, metadata=dict(static=True))
+    shards: int = dataclasses.field(default=1, metadata=dict(static=True))  # the plan's ``shards``
 
 
 def store_prompt(p: LayerPlan, kt, vt, keep, comp: list, pos, mask, max_new: int) -> HeteroLayer:
@@ -110,6 +131,9 @@ def store_prompt(p: LayerPlan, kt, vt, keep, comp: list, pos, mask, max_new: int
     new_rows = ((0, 0), (0, 0), (0, max_new), (0, 0))
     fi = jnp.asarray(p.full_heads, jnp.int32)
     full_k, full_v = (jnp.pad(x[:, fi], new_rows) for x in (kt, vt))
+    if -1 in p.full_heads:  # empty slots (shards > 1) hold zeros
+        real = jnp.asarray(np.array(p.full_heads) >= 0)[None, :, None, None]
+        full_k, full_v = (jnp.where(real, x, 0) for x in (full_k, full_v))
     if comp:
         ci = jnp.asarray(comp)
         sel = lambda x: jnp.where(mask[..., None], jnp.take_along_axis(x[:, ci], pos[..., None], 2), 0)  # noqa: E731
@@ -120,7 +144,7 @@ def store_prompt(p: LayerPlan, kt, vt, keep, comp: list, pos, mask, max_new: int
     else:
         comp_k = comp_v = jnp.zeros((b, len(p.comp_heads), p.cmax, d), kt.dtype)
     comp_k, comp_v = (jnp.pad(x, new_rows) for x in (comp_k, comp_v))
-    return HeteroLayer(full_k, full_v, comp_k, comp_v, keep, T=t, max_new=max_new)
+    return HeteroLayer(full_k, full_v, comp_k, comp_v, keep, T=t, max_new=max_new, shards=p.shards)
 
 
 def _block_attention(q, kb, vb, lengths, logit_heads=None, logit_rows=None):
@@ -142,14 +166,19 @@ def append_and_attend(p: LayerPlan, st: HeteroLayer, q, k, v, step, logits: bool
         if not heads:
             continue
         hi = jnp.asarray(heads, jnp.int32)
-        kb = scatter_token(getattr(st, f"{name}_k"), n[:, hi], k[:, hi])
-        vb = scatter_token(getattr(st, f"{name}_v"), n[:, hi], v[:, hi])
+        rows, length = n[:, hi], n[:, hi] + 1
+        if -1 in heads:  # empty slots (shards > 1): the write is dropped (row past S), nothing attended
+            empty = jnp.asarray(np.array(heads) < 0)[None, :]
+            rows = jnp.where(empty, getattr(st, f"{name}_k").shape[2], rows)
+            length = jnp.where(empty, 0, length)
+        kb = scatter_token(getattr(st, f"{name}_k"), rows, k[:, hi])
+        vb = scatter_token(getattr(st, f"{name}_v"), rows, v[:, hi])
         blocks.update({f"{name}_k": kb, f"{name}_v": vb})
         if name == "full" and logits:
             lh = tuple(p.slots[pv] for pv, _ in p.monitored)
-            out, pivot_logits = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1, logit_heads=lh, logit_rows=st.T)
+            out, pivot_logits = _block_attention(q[:, hi], kb, vb, length, logit_heads=lh, logit_rows=st.T)
         else:
-            out = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1)
+            out = _block_attention(q[:, hi], kb, vb, length)
         outs.append(out)
     out = jnp.concatenate(outs, 1)
     if len(outs) > 1 or p.full_heads != tuple(range(len(p.full))):
