@@ -96,21 +96,21 @@ def _laid_out(x, spec) -> bool:
 def _check_hetero_layout(policy, hkv, got, ref, data, model):
     """Blocks split over batch and heads, each device holding its own heads' slots; the drift state
     and the satellites' host copy over the batch only; counters as on one device; the device bytes
-    grow by the empty slots only (hetero_pool: each shard padded to its layer's largest group)."""
+    change by the blocks' only (hetero_pool: compressed heads filling full-block slots take T rows)."""
     for l, st in enumerate(got.cache.layers):
         plan = policy.plan(l, st.T, st.max_new, st.shards)
         assert st.shards == model
+        assert sorted(plan.full_heads + plan.comp_heads) == list(range(hkv))
         for block, heads in ((st.full_k, plan.full_heads), (st.comp_k, plan.comp_heads)):
             assert block.shape[1] == len(heads) and len(heads) % model == 0
+            if not heads:  # every head in the full block (one head per device, or all full)
+                continue
             assert _laid_out(block, P("data", "model"))
             assert _shard_bytes(block) == [block.nbytes // (data * model)]
             per = len(heads) // model
-            for shard in block.addressable_shards:  # the device's slots hold its own heads (or none)
+            for shard in block.addressable_shards:  # the device's slots hold its own heads
                 first = shard.index[1].start or 0
-                owner = first // per if per else 0
-                mine = [h for h in heads[first: first + per] if h >= 0]
-                assert all(h * model // hkv == owner for h in mine), (l, heads, first)
-            assert not np.asarray(block)[:, [i for i, h in enumerate(heads) if h < 0]].any()  # empty slots stay 0
+                assert all(h * model // hkv == first // per for h in heads[first: first + per]), (l, heads, first)
         if st.drift is not None:
             assert _laid_out(st.drift.ref, P("data")) and _laid_out(st.drift.qbuf, P("data"))
     host = got.cache.host.kv[0]
@@ -137,14 +137,14 @@ def test_three_kv_heads_split_three_ways_not_two(seed):
     got = _gen(on3, cfg, prompts, "full")
     assert got.tokens == ref.tokens
     assert _shard_bytes(got.cache.layers[0].k) == [got.cache.layers[0].k.nbytes // 3]
-    # hetero: one head per device, so each block has a slot per device, two of them empty
+    # hetero: one head per device, so the full block has a slot per device (the compressed heads in two)
     hetero = make_policy("hetero", cfg, ratio=0.5, threshold=0.9, steps=2,
                          profile=random_profile(cfg, np.random.default_rng(seed), [([(0, [1])], "aaa")]))
     ref, got = _gen(params, cfg, prompts, hetero), _gen(on3, cfg, prompts, hetero)
     assert got.tokens == ref.tokens and got.stats["refreshes"] == ref.stats["refreshes"] > 0
     _check_hetero_layout(hetero, 3, got, ref, 1, 3)
     st = got.cache.layers[0]
-    assert st.full_k.shape[1] == st.comp_k.shape[1] == 3 and ref.cache.layers[0].full_k.shape[1] == 1
+    assert (st.full_k.shape[1], st.comp_k.shape[1], ref.cache.layers[0].full_k.shape[1]) == (3, 0, 1)
     for spec in ("model=2", "data=2,model=2", "model=4"):
         with pytest.raises(MeshError, match=r"does not divide this model's 3 KV heads; it supports model = 1, 3"):
             shard_params(params, cfg, spec)

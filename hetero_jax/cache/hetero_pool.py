@@ -12,11 +12,14 @@ blocks' outputs are put back in head order and need no merge. Device bytes are w
 allocate: F x T + C x Cmax prompt rows (the padding of the compressed heads to Cmax is counted).
 
 On a mesh with ``model`` = M > 1 (``shards``) the KV heads split contiguously as the params' do
-(shard s owns heads [s Hkv/M, (s+1) Hkv/M)) and each block is laid out shard-major: F = M x Fs,
-Fs the most full heads any shard owns in the layer (C = M x Cs likewise), shard s's heads in slots
-[s Fs, s Fs + its count), the rest empty (slot head -1: zeros, length 0, writes dropped, outputs
-never read). Axis 1 of each block then splits over ``model`` and every device holds its own
-heads' rows; the empty slots are allocated device bytes and are counted. M = 1 is the plain layout.
+(shard s owns heads [s Hkv/M, (s+1) Hkv/M)) and both blocks are laid out shard-major, so axis 1
+of each splits over ``model`` and every device holds only its own heads' rows. Shards own
+different numbers of full heads, so the full block gets Fs = the most any shard owns slots per
+shard; a shard with fewer fills its free full-block slots with its compressed heads of the largest
+budgets (held there at T rows: the cost of the uniform block) and the rest of its heads go to
+the compressed block (Hkv/M - Fs slots per shard, Cmax over those heads only). Every slot holds a
+head, none is empty; the bytes a compressed head takes in the full block are counted. M = 1 is
+the plain layout above (full heads in the full block, compressed heads in the other).
 Everything that knows this layout is in this file (building the blocks, appending + attending in
 decode, reading a head's rows, writing refreshed rows); the policy and its drift check go
 through it.
@@ -43,8 +46,8 @@ class LayerPlan:
     keep_tables: tuple  # per head: (T+1,) int32 prompt rows kept for each real length
     monitored: tuple  # ((pivot, (satellite, ...)), ...) when refresh applies, in the profile's order
     sats: tuple  # satellites of the layer, in stage-slot order
-    full_heads: tuple  # the heads of the full block, in slot order (-1: an empty slot, shards > 1)
-    comp_heads: tuple  # the heads of the compressed block, in slot order (-1: empty)
+    full_heads: tuple  # the heads of the full block, in slot order (compressed ones too if shards > 1)
+    comp_heads: tuple  # the heads of the compressed block, in slot order
     slots: tuple  # per head: its slot in its block
     cmax: int  # prompt slots per compressed head (the layer's largest compressed budget)
     shards: int = 1  # devices the KV heads split over (``model``)
@@ -52,26 +55,39 @@ class LayerPlan:
     @property
     def head_order(self) -> tuple:
         """Index into (full block heads + compressed block heads) for each head, in head order."""
-        return tuple(self.slots[h] + (0 if self.full[h] else len(self.full_heads)) for h in range(len(self.full)))
+        return tuple(self.slots[h] + (0 if h in self.full_heads else len(self.full_heads))
+                     for h in range(len(self.full)))
+
+    def block(self, head: int) -> str:
+        """The block holding ``head``: "full" or "comp"."""
+        return "full" if head in self.full_heads else "comp"
 
     def prompt_slots(self, t: int) -> int:
         """Prompt rows the layer allocates per sequence: F x T + C x Cmax."""
         return len(self.full_heads) * t + len(self.comp_heads) * self.cmax
 
 
-def _shard_major(heads: list, hkv: int, shards: int) -> tuple:
-    """A block's heads in slot order: each shard's own heads, padded with -1 to the most any
-    shard has (the heads themselves when shards = 1)."""
-    per = hkv // shards
-    groups = [[h for h in heads if h // per == s] for s in range(shards)]
-    n = max(len(g) for g in groups)
-    return tuple(x for g in groups for x in g + [-1] * (n - len(g)))
+def _blocks(full: tuple, caps: tuple, shards: int) -> tuple:
+    """(full-block heads, compressed-block heads), each in slot order: per shard (contiguous heads)
+    the most full heads any shard owns go to the full block, its full heads first, then its
+    compressed heads of the largest budgets; each shard's heads in head order within a block."""
+    per = len(full) // shards
+    owned = [range(s * per, (s + 1) * per) for s in range(shards)]
+    width = max(sum(full[h] for h in heads) for heads in owned)
+    long_, short = [], []
+    for heads in owned:
+        ranked = sorted(heads, key=lambda h: (not full[h], -caps[h], h))
+        long_ += sorted(ranked[:width])
+        short += sorted(ranked[width:])
+    return tuple(long_), tuple(short)
 
 
 def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int, shards: int = 1) -> LayerPlan:
     """The static layout of ``layer`` for prompts padded to ``t`` tokens and ``max_new`` new ones,
     its heads split over ``shards`` devices (which must divide the KV heads)."""
     hkv = len(prof.roles[layer])
+    if hkv % shards:
+        raise ValueError(f"{shards} shards do not divide the {hkv} KV heads of layer {layer}")
     full = tuple(ratio >= 1.0 or prof.is_full(layer, h) for h in range(hkv))
     caps = tuple(prof.head_budget(layer, h, ratio, t) for h in range(hkv))
     tables = tuple(np.array([prof.head_budget(layer, h, ratio, n) for n in range(t + 1)], np.int32)
@@ -79,12 +95,9 @@ def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int, sh
     compressing = ratio < 1.0 and prof.base_budget(ratio, t) >= 1
     monitored = tuple(prof.clusters[layer]) if compressing else ()
     sats = tuple(s for _, ss in monitored for s in ss)
-    if hkv % shards:
-        raise ValueError(f"{shards} shards do not divide the {hkv} KV heads of layer {layer}")
-    full_heads = _shard_major([h for h in range(hkv) if full[h]], hkv, shards)
-    comp_heads = _shard_major([h for h in range(hkv) if not full[h]], hkv, shards)
-    slots = tuple((full_heads if full[h] else comp_heads).index(h) for h in range(hkv))
-    cmax = max((caps[h] for h in comp_heads if h >= 0), default=0)
+    full_heads, comp_heads = _blocks(full, caps, shards)
+    slots = tuple((full_heads if h in full_heads else comp_heads).index(h) for h in range(hkv))
+    cmax = max((caps[h] for h in comp_heads), default=0)
     return LayerPlan(full, caps, tables, monitored, sats, full_heads, comp_heads, slots, cmax, shards)
 
 
@@ -126,21 +139,29 @@ class HeteroLayer:
 def store_prompt(p: LayerPlan, kt, vt, keep, comp: list, pos, mask, max_new: int) -> HeteroLayer:
     """The blocks from the prompt's head-major kt, vt (B, Hkv, T, D): full heads keep every row,
     compressed heads ``comp`` (those with prompt slots) the rows at positions ``pos``
-    (B, len(comp), Cmax) where ``mask``; other rows hold zeros."""
+    (B, len(comp), K, D) where ``mask``, K their largest budget; other rows hold zeros."""
     b, hkv, t, d = kt.shape
     new_rows = ((0, 0), (0, 0), (0, max_new), (0, 0))
-    fi = jnp.asarray(p.full_heads, jnp.int32)
-    full_k, full_v = (jnp.pad(x[:, fi], new_rows) for x in (kt, vt))
-    if -1 in p.full_heads:  # empty slots (shards > 1) hold zeros
-        real = jnp.asarray(np.array(p.full_heads) >= 0)[None, :, None, None]
-        full_k, full_v = (jnp.where(real, x, 0) for x in (full_k, full_v))
+    sel_k = sel_v = None
     if comp:
         ci = jnp.asarray(comp)
         sel = lambda x: jnp.where(mask[..., None], jnp.take_along_axis(x[:, ci], pos[..., None], 2), 0)  # noqa: E731
-        sel_k, sel_v = sel(kt), sel(vt)  # (B, len(comp), Cmax, D)
-        zeros = jnp.zeros((b, p.cmax, d), kt.dtype)
-        comp_k, comp_v = (jnp.stack([x[:, comp.index(h)] if h in comp else zeros for h in p.comp_heads], 1)
-                          for x in (sel_k, sel_v))
+        sel_k, sel_v = sel(kt), sel(vt)  # (B, len(comp), K, D)
+
+    def compressed(x, h, rows):  # head h's kept rows (B, rows, D), zeros past them
+        if h not in comp:
+            return jnp.zeros((b, rows, d), kt.dtype)
+        y, k = x[:, comp.index(h)], x.shape[2]
+        return y if k == rows else y[:, :rows] if k > rows else jnp.pad(y, ((0, 0), (0, rows - k), (0, 0)))
+
+    if all(p.full[h] for h in p.full_heads):  # the plain layout (always on one device)
+        fi = jnp.asarray(p.full_heads, jnp.int32)
+        full_k, full_v = (jnp.pad(x[:, fi], new_rows) for x in (kt, vt))
+    else:  # a shard's compressed heads fill its free full-block slots
+        full_k, full_v = (jnp.pad(jnp.stack([x[:, h] if p.full[h] else compressed(s, h, t) for h in p.full_heads], 1),
+                                  new_rows) for x, s in ((kt, sel_k), (vt, sel_v)))
+    if comp and p.comp_heads:
+        comp_k, comp_v = (jnp.stack([compressed(x, h, p.cmax) for h in p.comp_heads], 1) for x in (sel_k, sel_v))
     else:
         comp_k = comp_v = jnp.zeros((b, len(p.comp_heads), p.cmax, d), kt.dtype)
     comp_k, comp_v = (jnp.pad(x, new_rows) for x in (comp_k, comp_v))
@@ -166,19 +187,14 @@ def append_and_attend(p: LayerPlan, st: HeteroLayer, q, k, v, step, logits: bool
         if not heads:
             continue
         hi = jnp.asarray(heads, jnp.int32)
-        rows, length = n[:, hi], n[:, hi] + 1
-        if -1 in heads:  # empty slots (shards > 1): the write is dropped (row past S), nothing attended
-            empty = jnp.asarray(np.array(heads) < 0)[None, :]
-            rows = jnp.where(empty, getattr(st, f"{name}_k").shape[2], rows)
-            length = jnp.where(empty, 0, length)
-        kb = scatter_token(getattr(st, f"{name}_k"), rows, k[:, hi])
-        vb = scatter_token(getattr(st, f"{name}_v"), rows, v[:, hi])
+        kb = scatter_token(getattr(st, f"{name}_k"), n[:, hi], k[:, hi])
+        vb = scatter_token(getattr(st, f"{name}_v"), n[:, hi], v[:, hi])
         blocks.update({f"{name}_k": kb, f"{name}_v": vb})
         if name == "full" and logits:
             lh = tuple(p.slots[pv] for pv, _ in p.monitored)
-            out, pivot_logits = _block_attention(q[:, hi], kb, vb, length, logit_heads=lh, logit_rows=st.T)
+            out, pivot_logits = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1, logit_heads=lh, logit_rows=st.T)
         else:
-            out = _block_attention(q[:, hi], kb, vb, length)
+            out = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1)
         outs.append(out)
     out = jnp.concatenate(outs, 1)
     if len(outs) > 1 or p.full_heads != tuple(range(len(p.full))):
@@ -188,7 +204,7 @@ def append_and_attend(p: LayerPlan, st: HeteroLayer, q, k, v, step, logits: bool
 
 def head_rows(p: LayerPlan, st: HeteroLayer, head: int) -> tuple:
     """Head ``head``'s rows (k, v), each (B, rows, D): its prompt slots then the generated ones."""
-    name = "full" if p.full[head] else "comp"
+    name = p.block(head)
     return getattr(st, f"{name}_k")[:, p.slots[head]], getattr(st, f"{name}_v")[:, p.slots[head]]
 
 
@@ -200,7 +216,8 @@ def prompt_keys(p: LayerPlan, st: HeteroLayer, heads) -> jax.Array:
 def write_prompt_rows(p: LayerPlan, st: HeteroLayer, head: int, rows, mask) -> HeteroLayer:
     """Overwrite compressed head ``head``'s prompt slots with ``rows`` = (k, v) (B, caps[head], D)
     where ``mask`` (B, caps[head])."""
-    i, c = p.slots[head], p.caps[head]
-    k = st.comp_k.at[:, i, :c].set(jnp.where(mask[..., None], rows[0].astype(st.comp_k.dtype), st.comp_k[:, i, :c]))
-    v = st.comp_v.at[:, i, :c].set(jnp.where(mask[..., None], rows[1].astype(st.comp_v.dtype), st.comp_v[:, i, :c]))
-    return dataclasses.replace(st, comp_k=k, comp_v=v)
+    i, c, name = p.slots[head], p.caps[head], p.block(head)
+    bk, bv = getattr(st, f"{name}_k"), getattr(st, f"{name}_v")
+    k = bk.at[:, i, :c].set(jnp.where(mask[..., None], rows[0].astype(bk.dtype), bk[:, i, :c]))
+    v = bv.at[:, i, :c].set(jnp.where(mask[..., None], rows[1].astype(bv.dtype), bv[:, i, :c]))
+    return dataclasses.replace(st, **{f"{name}_k": k, f"{name}_v": v})
