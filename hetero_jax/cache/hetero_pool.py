@@ -218,6 +218,21 @@ def write_prompt_rows(p: LayerPlan, st: HeteroLayer, head: int, rows, mask) -> H
     where ``mask`` (B, caps[head])."""
     i, c, name = p.slots[head], p.caps[head], p.block(head)
     bk, bv = getattr(st, f"{name}_k"), getattr(st, f"{name}_v")
-    k = bk.at[:, i, :c].set(jnp.where(mask[..., None], rows[0].astype(bk.dtype), bk[:, i, :c]))
-    v = bv.at[:, i, :c].set(jnp.where(mask[..., None], rows[1].astype(bv.dtype), bv[:, i, :c]))
+    if p.shards > 1:  # a scatter reads nothing back, so the slot's owner writes it with no traffic
+        k, v = (_scatter_rows(b_, i, r, mask) for b_, r in ((bk, rows[0]), (bv, rows[1])))
+    else:
+        k = bk.at[:, i, :c].set(jnp.where(mask[..., None], rows[0].astype(bk.dtype), bk[:, i, :c]))
+        v = bv.at[:, i, :c].set(jnp.where(mask[..., None], rows[1].astype(bv.dtype), bv[:, i, :c]))
     return dataclasses.replace(st, **{f"{name}_k": k, f"{name}_v": v})
+
+
+def _scatter_rows(block, slot: int, rows, mask):
+    """block (B, H, S, D) with rows (B, c, D) written at [:, slot, :c] where mask (B, c); masked
+    rows are sent past S and dropped. The batch is a batch dimension of the scatter."""
+    b, c = mask.shape
+    pos = jnp.where(mask, jnp.arange(c, dtype=jnp.int32), block.shape[2])
+    idx = jnp.stack([jnp.full((b, c), slot, jnp.int32), pos], -1)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(1, 2),
+                                           scatter_dims_to_operand_dims=(1, 2), operand_batching_dims=(0,),
+                                           scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(block, idx, rows.astype(block.dtype), dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
