@@ -52,6 +52,21 @@ def uniform_stride(starts, capacity):
     return c > 0 and all(x == c for x in capacity) and all(s == starts[0] + h * c for h, s in enumerate(starts))
 
 
+def take_static(x: jax.Array, index, axis: int = 1) -> jax.Array:
+    """``x`` at the static indices ``index`` along ``axis``, built from slices of the index's
+    contiguous runs (one concatenate joins them) instead of a gather: XLA CPU runs each gather as
+    its own op plus a copy, while slices fuse into the op that reads them."""
+    index = tuple(int(i) for i in index)
+    if index == tuple(range(x.shape[axis])):
+        return x
+    runs, start = [], 0
+    for i in range(1, len(index) + 1):
+        if i == len(index) or index[i] != index[i - 1] + 1:
+            runs.append(jax.lax.slice_in_dim(x, index[start], index[i - 1] + 1, axis=axis))
+            start = i
+    return runs[0] if len(runs) == 1 else jnp.concatenate(runs, axis)
+
+
 def _compute_dtype(q, k):
     """Same dtype -> dots in that dtype with f32 accumulation; mixed -> everything in f32."""
     return q.dtype if q.dtype == k.dtype else jnp.float32
@@ -154,7 +169,7 @@ def gather_attention_reference(q, k_pool, v_pool, lengths, *, starts=None, capac
         if not want:
             return out.astype(q.dtype)
         out, s = out
-        return out.astype(q.dtype), s[:, jnp.asarray(logit_heads, jnp.int32), :, :logit_rows]
+        return out.astype(q.dtype), take_static(s, logit_heads)[:, :, :, :logit_rows]
     outs, lgs = [], {}
     for h, (s, c) in enumerate(zip(starts, capacity)):
         if c == 0:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import pallas_kernels as pk
 from pallas_kernels.attention import gather_attention_pallas, plan
-from pallas_kernels.xla import segment_strategy
+from pallas_kernels.xla import segment_strategy, take_static
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 IMPLS = ["xla", "pallas"]
@@ -376,3 +376,12 @@ def test_xla_one_batch_head_pair(seed, dtype, b, hkv):
         np.testing.assert_allclose(np.asarray(lg)[i, 0, :, :n], qd[i, 0] @ kd[i, :n].T / 4.0, rtol=TOL[dtype] * 10,
                                    atol=TOL[dtype] * 10)
         assert (np.asarray(lg)[i, 0, :, n:] == -np.inf).all()
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=6, unique=True), st.integers(0, 2))
+@settings(max_examples=25, deadline=None)
+def test_take_static_equals_indexing(index, axis):
+    """Slices of the index's runs give exactly ``x`` indexed along ``axis`` (any order, gaps, identity)."""
+    x = np.random.default_rng(len(index) * 7 + axis).standard_normal((6, 6, 6)).astype(np.float32)
+    got = jax.jit(lambda x: take_static(x, index, axis))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), np.take(x, index, axis=axis))

@@ -37,6 +37,7 @@ import numpy as np
 from hetero_jax.cache.base import scatter_token
 from hetero_jax.profile_io import Profile
 from pallas_kernels import gather_attention
+from pallas_kernels.xla import take_static
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,19 +187,18 @@ def append_and_attend(p: LayerPlan, st: HeteroLayer, q, k, v, step, logits: bool
     for name, heads in (("full", p.full_heads), ("comp", p.comp_heads)):
         if not heads:
             continue
-        hi = jnp.asarray(heads, jnp.int32)
-        kb = scatter_token(getattr(st, f"{name}_k"), n[:, hi], k[:, hi])
-        vb = scatter_token(getattr(st, f"{name}_v"), n[:, hi], v[:, hi])
+        nb = take_static(n, heads)
+        kb = scatter_token(getattr(st, f"{name}_k"), nb, take_static(k, heads))
+        vb = scatter_token(getattr(st, f"{name}_v"), nb, take_static(v, heads))
         blocks.update({f"{name}_k": kb, f"{name}_v": vb})
         if name == "full" and logits:
             lh = tuple(p.slots[pv] for pv, _ in p.monitored)
-            out, pivot_logits = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1, logit_heads=lh, logit_rows=st.T)
+            out, pivot_logits = _block_attention(take_static(q, heads), kb, vb, nb + 1, logit_heads=lh,
+                                                 logit_rows=st.T)
         else:
-            out = _block_attention(q[:, hi], kb, vb, n[:, hi] + 1)
+            out = _block_attention(take_static(q, heads), kb, vb, nb + 1)
         outs.append(out)
-    out = jnp.concatenate(outs, 1)
-    if len(outs) > 1 or p.full_heads != tuple(range(len(p.full))):
-        out = out[:, jnp.asarray(p.head_order, jnp.int32)]
+    out = take_static(jnp.concatenate(outs, 1), p.head_order)
     return out, dataclasses.replace(st, **blocks), pivot_logits
 
 
