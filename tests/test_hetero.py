@@ -449,6 +449,10 @@ def test_shard_major_layout_keeps_every_decision(seed):
                         np.testing.assert_array_equal(x[: keep[b, h]], y[: keep[b, h]])
                         np.testing.assert_allclose(x[keep[b, h]: n[b, h]], y[keep[b, h]: n[b, h]], rtol=1e-4, atol=1e-5)
                         assert p.full[h] or not x[n[b, h]:].any()
+    lag2 = dataclasses.replace(pol, lag=2)  # the other refresh path (select, fetch, apply)
+    want, have = generate(params, texts, lag2, **kw), generate(params, texts, lag2.on_mesh(2), **kw)
+    assert have.tokens == want.tokens and have.stats["per_pivot"] == want.stats["per_pivot"]
+    assert want.stats["refreshes"] > 0
     with pytest.raises(ValueError, match="3 shards do not divide the 4 KV heads"):
         pol.plan(0, 256, 6, 3)
 
