@@ -120,7 +120,8 @@ def _check_hetero_layout(policy, hkv, got, ref, data, model):
         assert got.stats[key] == ref.stats[key], key
     assert got.stats["refreshes"] == sum(p["refreshes"] for p in got.stats["per_pivot"]) > 0
     assert got.stats["checks"] == sum(p["checks"] for p in got.stats["per_pivot"]) > 0
-    blocks = lambda r: sum(x.nbytes for st in r.cache.layers for x in (st.full_k, st.full_v, st.comp_k, st.comp_v))  # noqa: E731
+    blocks = lambda r: sum(x.nbytes for st in r.cache.layers  # noqa: E731
+                           for x in (st.full_k, st.full_v, st.comp_k, st.comp_v))
     assert got.stats["device_bytes"] - ref.stats["device_bytes"] == blocks(got) - blocks(ref)
     assert (blocks(got) > blocks(ref)) == (got.stats["prompt_slots_device"] > ref.stats["prompt_slots_device"])
     if model == 1:
