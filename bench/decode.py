@@ -393,7 +393,7 @@ def main(argv=None):
             try:
                 measured = run_ours(cfg, params, specs, context, batch, args.new_tokens, args.repeats,
                                     synthetic=args.model.startswith("random:"))
-            except MeshError as e:  # e.g. hetero with model > 1, or a batch that does not split over data
+            except MeshError as e:  # e.g. a batch that does not split over data
                 sys.exit(f"error: {e}")
             for row, stats in measured:
                 row["bytes_per_step"] = bytes_read_per_step(pbytes, stats)

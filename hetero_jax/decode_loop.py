@@ -164,6 +164,7 @@ def run(params, tokens, *, config: LlamaConfig, policy: CachePolicy, steps: int,
     mesh = sharding.params_mesh(params)
     if mesh is not None:
         sharding.check_run(config, policy, mesh, len(lengths))
+        policy = policy.on_mesh(mesh.shape[sharding.MODEL])
     need = steps + (feed is None)  # new tokens the cache must hold (a fed run does not sample a last one)
     reserve = need if options.reserve_new_tokens is None else options.reserve_new_tokens
     if reserve < need:

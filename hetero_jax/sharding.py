@@ -8,9 +8,10 @@ the compiled prefill and step agree with each other and the cache can be donated
 is untouched: the compiler propagates the layout through it (Megatron-style tensor parallelism:
 each device computes its own heads and MLP columns; an all-reduce after ``wo`` and ``w_down``).
 
-Cache layout rule (the policy interface's ``head_sharded``): layer-state arrays of rank >= 2 are
-batch-first, ``(B, ...)``, split over ``data``; for a head-sharded policy they are ``(B, Hkv, ...)``
-and axis 1 is split over ``model`` too; arrays of rank < 2 (counters, thresholds) are replicated.
+Cache layout rule: layer-state arrays of rank >= 2 are batch-first, ``(B, ...)``, split over
+``data``; those the policy's ``head_split`` marks are ``(B, Hkv, ...)`` and axis 1 is split over
+``model`` too (by default every array of rank >= 2; HeteroCache marks its head blocks only); arrays
+of rank < 2 (counters, thresholds) are replicated.
 """
 
 from __future__ import annotations
@@ -57,11 +58,6 @@ def initialize_distributed(coordinator: str, num_processes: int | None = None, p
 def check_run(cfg, policy, mesh, batch: int) -> None:
     """Raise MeshError when this config, policy and batch cannot run on ``mesh``."""
     check_mesh(cfg, mesh)
-    if mesh.shape[MODEL] > 1 and not getattr(policy, "head_sharded", True):
-        raise MeshError(
-            f"cache policy {policy.name!r} does not split its cache over KV heads yet, so it runs only with "
-            f"model=1 (mesh {mesh_text(mesh)} given); use data=N to split the batch over devices"
-        )
     check_batch(mesh, batch)
 
 
@@ -80,8 +76,8 @@ def _spec(x, heads: bool) -> P:
 def cache_shardings(cache, policy, mesh):
     """NamedShardings of a ``Cache`` (arrays, tracers or ShapeDtypeStructs) by the module's rule;
     host arrays (``cache.host``) are not covered (they keep the layout of what they were copied from)."""
-    heads = getattr(policy, "head_sharded", True)
-    layers = jax.tree.map(lambda x: NamedSharding(mesh, _spec(x, heads)), cache.layers)
+    layers = tuple(jax.tree.map(lambda x, heads: NamedSharding(mesh, _spec(x, heads)), st, policy.head_split(st))
+                   for st in cache.layers)
     return dataclasses.replace(cache, layers=layers, lengths=NamedSharding(mesh, P(DATA)),
                                step=NamedSharding(mesh, P()), host=None)
 

@@ -14,7 +14,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import convert
 from convert.checkpoint import CHECKSUMS, FORMAT, FORMAT_VERSION, META_FILE, folder_checksums
@@ -39,9 +39,10 @@ def setup():
     params = init_random_params(cfg, seed, scale=0.3)
     prompts = [rng.integers(1, 256, n).tolist() for n in (120, 77, 128, 50)]
     layouts = [([(0, [1, 2])], "aaaa"), ([(2, [3])], "avaa")]
+    profile = random_profile(cfg, rng, layouts)
     policies = {"full": make_policy("full", cfg), "snapkv": make_policy("snapkv", cfg, ratio=0.5, window=4),
-                "hetero": make_policy("hetero", cfg, ratio=0.5, threshold=0.2,
-                                      profile=random_profile(cfg, rng, layouts))}
+                "hetero": make_policy("hetero", cfg, ratio=0.5, threshold=0.2, profile=profile),
+                "hetero_plus": make_policy("hetero_plus", cfg, ratio=0.5, threshold=0.2, recent=8, profile=profile)}
     return cfg, params, prompts, policies, {}
 
 
@@ -61,7 +62,8 @@ def _shard_bytes(x):
 
 
 @pytest.mark.parametrize("name,mesh_spec", [(n, m) for n in ("full", "snapkv", "hetero") for m in MESHES
-                                             if n == "hetero" or m != "data=2,model=1"])
+                                             if n == "hetero" or m != "data=2,model=1"]
+                         + [("hetero_plus", "data=1,model=2")])
 def test_mesh_tokens_equal_single_device(setup, name, mesh_spec):
     cfg, params, prompts, policies, _ = setup
     mesh = make_mesh(mesh_spec)
@@ -70,10 +72,6 @@ def test_mesh_tokens_equal_single_device(setup, name, mesh_spec):
     wq = sharded["layers"][0]["wq"]
     assert wq.sharding.spec == P(None, "model") and _shard_bytes(wq) == [wq.nbytes // model]
     assert _shard_bytes(sharded["layers"][0]["w_down"]) == [sharded["layers"][0]["w_down"].nbytes // model]
-    if name == "hetero" and model > 1:
-        with pytest.raises(MeshError, match=r"'hetero' does not split its cache over KV heads.*model=1"):
-            _gen(sharded, cfg, prompts, policies[name])
-        return
     ref = _reference(setup, name)
     got = _gen(sharded, cfg, prompts, policies[name])
     assert got.tokens == ref.tokens
@@ -81,17 +79,8 @@ def test_mesh_tokens_equal_single_device(setup, name, mesh_spec):
     n = data * model
     layer = got.cache.layers[0]
     assert len(got.stats["per_device_bytes"]) >= n
-    if name == "hetero":  # the pool splits over the batch only, the satellites' host copy too
-        for block in (layer.full_k, layer.comp_k):
-            assert block.sharding.spec in (P("data"), P("data", None, None)) or data == 1
-            assert _shard_bytes(block) == [block.nbytes // data]
-        host = got.cache.host.kv[0]
-        assert _shard_bytes(host[0]) == [host[0].nbytes // data]
-        assert host[0].sharding.memory_kind == "pinned_host"
-        for key in ("checks", "refreshes", "bytes_moved", "host_prompt_bytes", "device_bytes"):
-            assert got.stats[key] == ref.stats[key], key
-        assert got.stats["refreshes"] == sum(p["refreshes"] for p in got.stats["per_pivot"]) > 0
-        assert got.stats["checks"] == sum(p["checks"] for p in got.stats["per_pivot"]) > 0
+    if name.startswith("hetero"):
+        _check_hetero_layout(policies[name], cfg.num_kv_heads, got, ref, data, model)
     else:  # (B, Hkv, S, D): every device holds 1 / (data * model) of every layer's KV
         assert _shard_bytes(layer.k) == [layer.k.nbytes // n]
         cache_bytes = sum(x.nbytes for x in jax.tree.leaves(got.cache.layers))
@@ -100,15 +89,63 @@ def test_mesh_tokens_equal_single_device(setup, name, mesh_spec):
         assert got.stats["device_bytes"] == ref.stats["device_bytes"]
 
 
+def _laid_out(x, spec) -> bool:
+    return x.sharding.is_equivalent_to(NamedSharding(x.sharding.mesh, spec), x.ndim)
+
+
+def _check_hetero_layout(policy, hkv, got, ref, data, model):
+    """Blocks split over batch and heads, each device holding its own heads' slots; the drift state
+    and the satellites' host copy over the batch only; counters as on one device; the device bytes
+    change by the blocks' only (hetero_pool: compressed heads filling full-block slots take T rows)."""
+    for l, st in enumerate(got.cache.layers):
+        plan = policy.plan(l, st.T, st.max_new, st.shards)
+        assert st.shards == model
+        assert sorted(plan.full_heads + plan.comp_heads) == list(range(hkv))
+        for block, heads in ((st.full_k, plan.full_heads), (st.comp_k, plan.comp_heads)):
+            assert block.shape[1] == len(heads) and len(heads) % model == 0
+            if not heads:  # every head in the full block (one head per device, or all full)
+                continue
+            assert _laid_out(block, P("data", "model"))
+            assert _shard_bytes(block) == [block.nbytes // (data * model)]
+            per = len(heads) // model
+            for shard in block.addressable_shards:  # the device's slots hold its own heads
+                first = shard.index[1].start or 0
+                assert all(h * model // hkv == first // per for h in heads[first: first + per]), (l, heads, first)
+        if st.drift is not None:
+            assert _laid_out(st.drift.ref, P("data")) and _laid_out(st.drift.qbuf, P("data"))
+    host = got.cache.host.kv[0]
+    assert _shard_bytes(host[0]) == [host[0].nbytes // data]
+    assert host[0].sharding.memory_kind == "pinned_host"
+    for key in ("checks", "refreshes", "bytes_moved", "host_prompt_bytes", "per_pivot", "prompt_slots_budget"):
+        assert got.stats[key] == ref.stats[key], key
+    assert got.stats["refreshes"] == sum(p["refreshes"] for p in got.stats["per_pivot"]) > 0
+    assert got.stats["checks"] == sum(p["checks"] for p in got.stats["per_pivot"]) > 0
+    blocks = lambda r: sum(x.nbytes for st in r.cache.layers  # noqa: E731
+                           for x in (st.full_k, st.full_v, st.comp_k, st.comp_v))
+    assert got.stats["device_bytes"] - ref.stats["device_bytes"] == blocks(got) - blocks(ref)
+    assert (blocks(got) > blocks(ref)) == (got.stats["prompt_slots_device"] > ref.stats["prompt_slots_device"])
+    if model == 1:
+        assert got.stats["device_bytes"] == ref.stats["device_bytes"]
+
+
 def test_three_kv_heads_split_three_ways_not_two(seed):
     """SmolLM2's shape: 9 query heads, 3 KV heads. model=3 works; model=2 names the sizes that do."""
     cfg = make_cfg(layers=1, kv=3, group=3)
     params = init_random_params(cfg, seed, scale=0.3)
     prompts = [np.random.default_rng(seed).integers(1, 256, 40).tolist()]
+    on3 = shard_params(params, cfg, "model=3")
     ref = _gen(params, cfg, prompts, "full")
-    got = _gen(shard_params(params, cfg, "model=3"), cfg, prompts, "full")
+    got = _gen(on3, cfg, prompts, "full")
     assert got.tokens == ref.tokens
     assert _shard_bytes(got.cache.layers[0].k) == [got.cache.layers[0].k.nbytes // 3]
+    # hetero: one head per device, so the full block has a slot per device (the compressed heads in two)
+    hetero = make_policy("hetero", cfg, ratio=0.5, threshold=0.9, steps=2,
+                         profile=random_profile(cfg, np.random.default_rng(seed), [([(0, [1])], "aaa")]))
+    ref, got = _gen(params, cfg, prompts, hetero), _gen(on3, cfg, prompts, hetero)
+    assert got.tokens == ref.tokens and got.stats["refreshes"] == ref.stats["refreshes"] > 0
+    _check_hetero_layout(hetero, 3, got, ref, 1, 3)
+    st = got.cache.layers[0]
+    assert (st.full_k.shape[1], st.comp_k.shape[1], ref.cache.layers[0].full_k.shape[1]) == (3, 0, 1)
     for spec in ("model=2", "data=2,model=2", "model=4"):
         with pytest.raises(MeshError, match=r"does not divide this model's 3 KV heads; it supports model = 1, 3"):
             shard_params(params, cfg, spec)

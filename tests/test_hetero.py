@@ -437,6 +437,55 @@ def test_generate_stats_and_counters(seed):
         assert x["bytes_moved"] == x["refreshes"] * 2 * c * row
 
 
+def test_shard_major_layout_keeps_every_decision(seed):
+    """The mesh layout (hetero_pool: each of M shards' heads in its own slot range of each block,
+    compressed heads filling a shard's free full-block slots) run on one device: the same tokens and
+    counters as the plain layout, which M = 1 is exactly. tests/mesh_cases.py runs it split over
+    devices."""
+    rng, cfg, prof, params, lengths, toks = _drift_setup(seed)
+    pol = make_policy("hetero", cfg, ratio=0.5, profile=prof, threshold=0.9, steps=2)
+    assert pol.on_mesh(1) is pol
+    for l in range(2):
+        p = pol.plan(l, 256, 6)
+        assert p.full_heads == tuple(h for h in range(4) if p.full[h])
+        assert p.comp_heads == tuple(h for h in range(4) if not p.full[h])
+    texts = [t[:n].tolist() for t, n in zip(toks, lengths)]
+    kw = dict(config=cfg, max_new_tokens=6, stop_tokens=[], progress=False)
+    ref = generate(params, texts, pol, **kw)
+    assert ref.stats["refreshes"] > 0
+    for m in (2, 4):
+        got = generate(params, texts, pol.on_mesh(m), **kw)
+        assert got.tokens == ref.tokens
+        for key in ("checks", "refreshes", "bytes_moved", "per_pivot", "prompt_slots_budget"):
+            assert got.stats[key] == ref.stats[key], key
+        for l, st in enumerate(got.cache.layers):
+            p = pol.plan(l, st.T, st.max_new, st.shards)
+            assert st.shards == m and (st.full_k.shape[1], st.comp_k.shape[1]) == (len(p.full_heads), len(p.comp_heads))
+            assert sorted(p.full_heads + p.comp_heads) == list(range(4))
+            assert all(p.block(h) == "full" for h in range(4) if p.full[h])
+            for heads in (p.full_heads, p.comp_heads):  # each shard's heads in its own slot range
+                assert len(heads) % m == 0 and all(h * m // 4 == i // (len(heads) // m) for i, h in enumerate(heads))
+            for shard in range(m):  # a shard fills free full-block slots with its largest compressed heads
+                mine = lambda heads: [p.caps[h] for h in heads if h * m // 4 == shard and not p.full[h]]  # noqa: E731
+                assert min(mine(p.full_heads), default=math.inf) >= max(mine(p.comp_heads), default=0)
+            plain, st1 = pol.plan(l, st.T, st.max_new), ref.cache.layers[l]
+            keep = np.asarray(st.keep)
+            n = keep + int(got.cache.step)  # each head's valid rows: prompt, then generated
+            for h in range(4):  # every head's rows as in the plain layout (the generated ones to rounding:
+                for b in range(2):  # other block shapes sum in another order), compressed heads' zero after
+                    for x, y in zip(head_rows(p, st, h), head_rows(plain, st1, h)):
+                        x, y = np.asarray(x)[b], np.asarray(y)[b]
+                        np.testing.assert_array_equal(x[: keep[b, h]], y[: keep[b, h]])
+                        np.testing.assert_allclose(x[keep[b, h]: n[b, h]], y[keep[b, h]: n[b, h]], rtol=1e-4, atol=1e-5)
+                        assert p.full[h] or not x[n[b, h]:].any()
+    lag2 = dataclasses.replace(pol, lag=2)  # the other refresh path (select, fetch, apply)
+    want, have = generate(params, texts, lag2, **kw), generate(params, texts, lag2.on_mesh(2), **kw)
+    assert have.tokens == want.tokens and have.stats["per_pivot"] == want.stats["per_pivot"]
+    assert want.stats["refreshes"] > 0
+    with pytest.raises(ValueError, match="3 shards do not divide the 4 KV heads"):
+        pol.plan(0, 256, 6, 3)
+
+
 # ------------------------------------------------------------------------------------ errors
 def test_clear_errors(seed):
     rng = np.random.default_rng(seed)

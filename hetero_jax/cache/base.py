@@ -24,9 +24,12 @@ name in ``hetero_jax.cache``. The whole contract:
   held, plus policy counters.
 * ``name`` (class attribute): the registry name; ``needs_profile`` (class attribute): ``create``
   takes a ``profile`` of head roles measured on the model (benchmarks give random-weight models
-  a synthetic one); ``head_sharded`` (class attribute, default True): on a device mesh every
-  layer-state array of rank >= 2 is ``(B, Hkv, ...)``, split over batch (``data``) and KV heads
-  (``model``); False: batch-first only, split over ``data`` (``hetero_jax.sharding``).
+  a synthetic one).
+* Meshes (``hetero_jax.sharding``): every layer-state array of rank >= 2 is batch-first, split
+  over ``data``; ``head_split(state)`` -> the state's structure with a bool per array: axis 1 is
+  KV heads, split over ``model`` too (default: every array of rank >= 2, i.e. ``(B, Hkv, ...)``).
+  ``on_mesh(model)`` -> the policy as it runs with its heads over ``model`` devices (default:
+  itself; HeteroCache lays its blocks out per shard), applied by the decode loop before prefill.
 
 ``layer`` is a Python int (policies may store different shapes per layer). Host-memory arrays go
 in ``Cache.host``, which the decode loop keeps out of the jitted step.
@@ -110,7 +113,6 @@ class CachePolicy:
 
     name: ClassVar[str] = "base"
     needs_profile: ClassVar[bool] = False
-    head_sharded: ClassVar[bool] = True
 
     @classmethod
     def create(cls, cfg, ratio: float | None = None, **options) -> "CachePolicy":
@@ -129,6 +131,12 @@ class CachePolicy:
 
     def finish_step(self, cache: Cache) -> Cache:
         return cache
+
+    def on_mesh(self, model: int) -> "CachePolicy":
+        return self
+
+    def head_split(self, state):
+        return jax.tree.map(lambda x: x.ndim >= 2, state)
 
     def after_prefill(self, cache: Cache) -> Cache:
         return cache

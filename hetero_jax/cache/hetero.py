@@ -58,7 +58,6 @@ CHOICES = {"trigger": ("sequence", "batch"), "refresh_select": ("authors", "topk
 class HeteroCache(CachePolicy):
     name: ClassVar[str] = "hetero"
     needs_profile: ClassVar[bool] = True
-    head_sharded: ClassVar[bool] = False  # a layer's blocks group heads by role, not by shard: ``data`` only
     roles: tuple = ()
     weights: tuple = ()
     clusters: tuple = ()
@@ -80,6 +79,7 @@ class HeteroCache(CachePolicy):
     refresh_by: str = "pivot"  # "pages": satellites choose by their own queries (hetero_pages)
     page_size: int = 32
     profile_name: str = ""
+    model_shards: int = 1  # devices the KV heads split over (set by ``on_mesh``): the blocks' layout
 
     @classmethod
     def create(cls, cfg, ratio=None, profile=None, params=None, **options) -> "HeteroCache":
@@ -90,7 +90,8 @@ class HeteroCache(CachePolicy):
             prof.check_model(cfg, params)
         ratio = 0.5 if ratio is None else ratio
         prof.check_ratio(ratio)
-        allowed = {f.name for f in dataclasses.fields(cls)} - {"roles", "weights", "clusters", "ratio", "profile_name"}
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"roles", "weights", "clusters", "ratio", "profile_name",
+                                                                "model_shards"}
         unknown = set(options) - allowed
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for cache policy {cls.name!r}; "
@@ -134,8 +135,10 @@ class HeteroCache(CachePolicy):
                        clusters=self.clusters)
 
     @functools.lru_cache(maxsize=64)
-    def plan(self, layer: int, t: int, max_new: int) -> LayerPlan:
-        return layer_plan(self._profile(), self.budget_ratio, layer, t, max_new)
+    def plan(self, layer: int, t: int, max_new: int, shards: int | None = None) -> LayerPlan:
+        """The layer's layout; ``shards`` (default ``model_shards``) as the state was built with."""
+        return layer_plan(self._profile(), self.budget_ratio, layer, t, max_new,
+                          self.model_shards if shards is None else shards)
 
     @functools.lru_cache(maxsize=8)
     def base_table(self, t: int) -> np.ndarray:
@@ -143,6 +146,16 @@ class HeteroCache(CachePolicy):
         return np.array([self._profile().base_budget(self.budget_ratio, n) for n in range(t + 1)], np.int32)
 
     # ------------------------------------------------------------------ the cache-policy interface
+    def on_mesh(self, model: int) -> "HeteroCache":
+        """Blocks laid out per shard of ``model`` devices (``hetero_pool``): the same decisions."""
+        return self if model == self.model_shards else dataclasses.replace(self, model_shards=model)
+
+    def head_split(self, state):
+        """Only the blocks and ``keep`` have KV heads on axis 1; the drift state's axis 1 is
+        pivots / satellites / buffer steps, the pages' satellites: split over ``data`` only."""
+        split = jax.tree.map(lambda _: False, state)
+        return dataclasses.replace(split, full_k=True, full_v=True, comp_k=True, comp_v=True, keep=True)
+
     def build_layer(self, layer, q, k, v, lengths, max_new_tokens):
         b, t, hkv, d = k.shape
         p = self.plan(layer, t, max_new_tokens)
@@ -174,7 +187,7 @@ class HeteroCache(CachePolicy):
         return forced_scores(votes, lengths, lengths - w)
 
     def decode_layer(self, layer, st, q, k, v, cache: Cache):
-        p = self.plan(layer, st.T, st.max_new)
+        p = self.plan(layer, st.T, st.max_new, st.shards)
         qg = q.reshape(k.shape[0], k.shape[1], -1, k.shape[2])
         score_once = bool(p.monitored) and self.check_impl == "spread"  # the pivots' scores from this pass
         out, st, logits = append_and_attend(p, st, qg, k, v, cache.step, logits=score_once)
@@ -208,7 +221,7 @@ class HeteroCache(CachePolicy):
             if st.drift is None:
                 continue
             c, r, m = (np.asarray(x).tolist() for x in (st.drift.checks, st.drift.refreshes, st.drift.rows_moved))
-            for i, (pv, sats) in enumerate(self.plan(l, st.T, st.max_new).monitored):
+            for i, (pv, sats) in enumerate(self.plan(l, st.T, st.max_new, st.shards).monitored):
                 per_pivot.append({"layer": l, "pivot": pv, "satellites": list(sats), "checks": c[i],
                                   "refreshes": r[i], "bytes_moved": m[i] * row_bytes})
                 per_layer[l] += r[i]
@@ -220,7 +233,7 @@ class HeteroCache(CachePolicy):
             "threshold_mode": self.threshold_mode, "counts": self._profile().counts(),
             "thresholds": [float(st.drift.thr) if st.drift is not None else None for st in cache.layers],
             # rows the blocks allocate (F x T + C x Cmax per layer), padding to Cmax included
-            "prompt_slots_device": sum(self.plan(l, st.T, st.max_new).prompt_slots(st.T)
+            "prompt_slots_device": sum(self.plan(l, st.T, st.max_new, st.shards).prompt_slots(st.T)
                                        for l, st in enumerate(cache.layers)),
             "prompt_slots_budget": sum(sum(self.plan(l, st.T, st.max_new).caps) for l, st in enumerate(cache.layers)),
             "prompt_slots_full": cache.layers[0].T * sum(len(r) for r in self.roles),

@@ -10,6 +10,16 @@ budgets) then the generated ones. Each block is one batched attention with per-h
 no mask over other heads' rows; each head's softmax runs inside its own block, so the two
 blocks' outputs are put back in head order and need no merge. Device bytes are what the blocks
 allocate: F x T + C x Cmax prompt rows (the padding of the compressed heads to Cmax is counted).
+
+On a mesh with ``model`` = M > 1 (``shards``) the KV heads split contiguously as the params' do
+(shard s owns heads [s Hkv/M, (s+1) Hkv/M)) and both blocks are laid out shard-major, so axis 1
+of each splits over ``model`` and every device holds only its own heads' rows. Shards own
+different numbers of full heads, so the full block gets Fs = the most any shard owns slots per
+shard; a shard with fewer fills its free full-block slots with its compressed heads of the largest
+budgets (held there at T rows: the cost of the uniform block) and the rest of its heads go to
+the compressed block (Hkv/M - Fs slots per shard, Cmax over those heads only). Every slot holds a
+head, none is empty; the bytes a compressed head takes in the full block are counted. M = 1 is
+the plain layout above (full heads in the full block, compressed heads in the other).
 Everything that knows this layout is in this file (building the blocks, appending + attending in
 decode, reading a head's rows, writing refreshed rows); the policy and its drift check go
 through it.
@@ -37,24 +47,48 @@ class LayerPlan:
     keep_tables: tuple  # per head: (T+1,) int32 prompt rows kept for each real length
     monitored: tuple  # ((pivot, (satellite, ...)), ...) when refresh applies, in the profile's order
     sats: tuple  # satellites of the layer, in stage-slot order
-    full_heads: tuple  # the heads of the full block, in slot order
+    full_heads: tuple  # the heads of the full block, in slot order (compressed ones too if shards > 1)
     comp_heads: tuple  # the heads of the compressed block, in slot order
     slots: tuple  # per head: its slot in its block
     cmax: int  # prompt slots per compressed head (the layer's largest compressed budget)
+    shards: int = 1  # devices the KV heads split over (``model``)
 
     @property
     def head_order(self) -> tuple:
         """Index into (full block heads + compressed block heads) for each head, in head order."""
-        return tuple(self.slots[h] + (0 if self.full[h] else len(self.full_heads)) for h in range(len(self.full)))
+        return tuple(self.slots[h] + (0 if h in self.full_heads else len(self.full_heads))
+                     for h in range(len(self.full)))
+
+    def block(self, head: int) -> str:
+        """The block holding ``head``: "full" or "comp"."""
+        return "full" if head in self.full_heads else "comp"
 
     def prompt_slots(self, t: int) -> int:
         """Prompt rows the layer allocates per sequence: F x T + C x Cmax."""
         return len(self.full_heads) * t + len(self.comp_heads) * self.cmax
 
 
-def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int) -> LayerPlan:
-    """The static layout of ``layer`` for prompts padded to ``t`` tokens and ``max_new`` new ones."""
+def _blocks(full: tuple, caps: tuple, shards: int) -> tuple:
+    """(full-block heads, compressed-block heads), each in slot order: per shard (contiguous heads)
+    the most full heads any shard owns go to the full block, its full heads first, then its
+    compressed heads of the largest budgets; each shard's heads in head order within a block."""
+    per = len(full) // shards
+    owned = [range(s * per, (s + 1) * per) for s in range(shards)]
+    width = max(sum(full[h] for h in heads) for heads in owned)
+    long_, short = [], []
+    for heads in owned:
+        ranked = sorted(heads, key=lambda h: (not full[h], -caps[h], h))
+        long_ += sorted(ranked[:width])
+        short += sorted(ranked[width:])
+    return tuple(long_), tuple(short)
+
+
+def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int, shards: int = 1) -> LayerPlan:
+    """The static layout of ``layer`` for prompts padded to ``t`` tokens and ``max_new`` new ones,
+    its heads split over ``shards`` devices (which must divide the KV heads)."""
     hkv = len(prof.roles[layer])
+    if hkv % shards:
+        raise ValueError(f"{shards} shards do not divide the {hkv} KV heads of layer {layer}")
     full = tuple(ratio >= 1.0 or prof.is_full(layer, h) for h in range(hkv))
     caps = tuple(prof.head_budget(layer, h, ratio, t) for h in range(hkv))
     tables = tuple(np.array([prof.head_budget(layer, h, ratio, n) for n in range(t + 1)], np.int32)
@@ -62,11 +96,10 @@ def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int) ->
     compressing = ratio < 1.0 and prof.base_budget(ratio, t) >= 1
     monitored = tuple(prof.clusters[layer]) if compressing else ()
     sats = tuple(s for _, ss in monitored for s in ss)
-    full_heads = tuple(h for h in range(hkv) if full[h])
-    comp_heads = tuple(h for h in range(hkv) if not full[h])
-    slots = tuple((full_heads if full[h] else comp_heads).index(h) for h in range(hkv))
+    full_heads, comp_heads = _blocks(full, caps, shards)
+    slots = tuple((full_heads if h in full_heads else comp_heads).index(h) for h in range(hkv))
     cmax = max((caps[h] for h in comp_heads), default=0)
-    return LayerPlan(full, caps, tables, monitored, sats, full_heads, comp_heads, slots, cmax)
+    return LayerPlan(full, caps, tables, monitored, sats, full_heads, comp_heads, slots, cmax, shards)
 
 
 @jax.tree_util.register_dataclass
@@ -102,27 +135,39 @@ class HeteroLayer:
     pages: Any = None  # hetero_pages.PageState: satellites' page key bounds (refresh_by="pages")
     T: int = dataclasses.field(default=0, metadata=dict(static=True))
     max_new: int = dataclasses.field(default=0, metadata=dict(static=True))
+    shards: int = dataclasses.field(default=1, metadata=dict(static=True))  # the plan's ``shards``
 
 
 def store_prompt(p: LayerPlan, kt, vt, keep, comp: list, pos, mask, max_new: int) -> HeteroLayer:
     """The blocks from the prompt's head-major kt, vt (B, Hkv, T, D): full heads keep every row,
     compressed heads ``comp`` (those with prompt slots) the rows at positions ``pos``
-    (B, len(comp), Cmax) where ``mask``; other rows hold zeros."""
+    (B, len(comp), K, D) where ``mask``, K their largest budget; other rows hold zeros."""
     b, hkv, t, d = kt.shape
     new_rows = ((0, 0), (0, 0), (0, max_new), (0, 0))
-    fi = jnp.asarray(p.full_heads, jnp.int32)
-    full_k, full_v = (jnp.pad(x[:, fi], new_rows) for x in (kt, vt))
+    sel_k = sel_v = None
     if comp:
         ci = jnp.asarray(comp)
         sel = lambda x: jnp.where(mask[..., None], jnp.take_along_axis(x[:, ci], pos[..., None], 2), 0)  # noqa: E731
-        sel_k, sel_v = sel(kt), sel(vt)  # (B, len(comp), Cmax, D)
-        zeros = jnp.zeros((b, p.cmax, d), kt.dtype)
-        comp_k, comp_v = (jnp.stack([x[:, comp.index(h)] if h in comp else zeros for h in p.comp_heads], 1)
-                          for x in (sel_k, sel_v))
+        sel_k, sel_v = sel(kt), sel(vt)  # (B, len(comp), K, D)
+
+    def compressed(x, h, rows):  # head h's kept rows (B, rows, D), zeros past them
+        if h not in comp:
+            return jnp.zeros((b, rows, d), kt.dtype)
+        y, k = x[:, comp.index(h)], x.shape[2]
+        return y if k == rows else y[:, :rows] if k > rows else jnp.pad(y, ((0, 0), (0, rows - k), (0, 0)))
+
+    if all(p.full[h] for h in p.full_heads):  # the plain layout (always on one device)
+        fi = jnp.asarray(p.full_heads, jnp.int32)
+        full_k, full_v = (jnp.pad(x[:, fi], new_rows) for x in (kt, vt))
+    else:  # a shard's compressed heads fill its free full-block slots
+        full_k, full_v = (jnp.pad(jnp.stack([x[:, h] if p.full[h] else compressed(s, h, t) for h in p.full_heads], 1),
+                                  new_rows) for x, s in ((kt, sel_k), (vt, sel_v)))
+    if comp and p.comp_heads:
+        comp_k, comp_v = (jnp.stack([compressed(x, h, p.cmax) for h in p.comp_heads], 1) for x in (sel_k, sel_v))
     else:
         comp_k = comp_v = jnp.zeros((b, len(p.comp_heads), p.cmax, d), kt.dtype)
     comp_k, comp_v = (jnp.pad(x, new_rows) for x in (comp_k, comp_v))
-    return HeteroLayer(full_k, full_v, comp_k, comp_v, keep, T=t, max_new=max_new)
+    return HeteroLayer(full_k, full_v, comp_k, comp_v, keep, T=t, max_new=max_new, shards=p.shards)
 
 
 def _block_attention(q, kb, vb, lengths, logit_heads=None, logit_rows=None):
@@ -160,7 +205,7 @@ def append_and_attend(p: LayerPlan, st: HeteroLayer, q, k, v, step, logits: bool
 
 def head_rows(p: LayerPlan, st: HeteroLayer, head: int) -> tuple:
     """Head ``head``'s rows (k, v), each (B, rows, D): its prompt slots then the generated ones."""
-    name = "full" if p.full[head] else "comp"
+    name = p.block(head)
     return getattr(st, f"{name}_k")[:, p.slots[head]], getattr(st, f"{name}_v")[:, p.slots[head]]
 
 
@@ -172,7 +217,23 @@ def prompt_keys(p: LayerPlan, st: HeteroLayer, heads) -> jax.Array:
 def write_prompt_rows(p: LayerPlan, st: HeteroLayer, head: int, rows, mask) -> HeteroLayer:
     """Overwrite compressed head ``head``'s prompt slots with ``rows`` = (k, v) (B, caps[head], D)
     where ``mask`` (B, caps[head])."""
-    i, c = p.slots[head], p.caps[head]
-    k = st.comp_k.at[:, i, :c].set(jnp.where(mask[..., None], rows[0].astype(st.comp_k.dtype), st.comp_k[:, i, :c]))
-    v = st.comp_v.at[:, i, :c].set(jnp.where(mask[..., None], rows[1].astype(st.comp_v.dtype), st.comp_v[:, i, :c]))
-    return dataclasses.replace(st, comp_k=k, comp_v=v)
+    i, c, name = p.slots[head], p.caps[head], p.block(head)
+    bk, bv = getattr(st, f"{name}_k"), getattr(st, f"{name}_v")
+    if p.shards > 1:  # a scatter reads nothing back, so the slot's owner writes it with no traffic
+        k, v = (_scatter_rows(b_, i, r, mask) for b_, r in ((bk, rows[0]), (bv, rows[1])))
+    else:
+        k = bk.at[:, i, :c].set(jnp.where(mask[..., None], rows[0].astype(bk.dtype), bk[:, i, :c]))
+        v = bv.at[:, i, :c].set(jnp.where(mask[..., None], rows[1].astype(bv.dtype), bv[:, i, :c]))
+    return dataclasses.replace(st, **{f"{name}_k": k, f"{name}_v": v})
+
+
+def _scatter_rows(block, slot: int, rows, mask):
+    """block (B, H, S, D) with rows (B, c, D) written at [:, slot, :c] where mask (B, c); masked
+    rows are sent past S and dropped. The batch is a batch dimension of the scatter."""
+    b, c = mask.shape
+    pos = jnp.where(mask, jnp.arange(c, dtype=jnp.int32), block.shape[2])
+    idx = jnp.stack([jnp.full((b, c), slot, jnp.int32), pos], -1)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(1, 2),
+                                           scatter_dims_to_operand_dims=(1, 2), operand_batching_dims=(0,),
+                                           scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(block, idx, rows.astype(block.dtype), dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)

@@ -111,7 +111,8 @@ def _programs(policy, states, host: HeteroHost, layers: tuple):
     """The compiled refresh of ``layers`` (lag 1), or (select, fetch, apply) (lag 2)."""
     st, kvs = tuple(states[l] for l in layers), tuple(host.kv[l] for l in layers)
     kinds = tuple(kv[0].sharding.memory_kind if is_host_array(kv[0]) else None for kv in kvs)
-    env = (policy, tuple((l, s.T, s.max_new) for l, s in zip(layers, st)), kinds, st[0].full_k.sharding)
+    dev = st[0].drift.flag.sharding  # batch-first, split over ``data`` only: where gathered rows go
+    env = (policy, tuple((l, s.T, s.max_new, s.shards) for l, s in zip(layers, st)), kinds, dev)
     if policy.lag == 1:
         return compiled(_jit(_refresh, env, (0,)), st, kvs)
     src = tuple(_source(s) for s in st)
