@@ -112,7 +112,8 @@ def _check_hetero_layout(policy, hkv, got, ref, data, model):
                 first = shard.index[1].start or 0
                 assert all(h * model // hkv == first // per for h in heads[first: first + per]), (l, heads, first)
         if st.drift is not None:
-            assert _laid_out(st.drift.ref, P("data")) and _laid_out(st.drift.qbuf, P("data"))
+            kept = [getattr(st.drift, f) for f in ("ref", "req", "qbuf", "logits")]  # qbuf or logits per check_impl
+            assert all(_laid_out(x, P("data")) for x in kept if x is not None) and kept[3] is not None
     host = got.cache.host.kv[0]
     assert _shard_bytes(host[0]) == [host[0].nbytes // data]
     assert host[0].sharding.memory_kind == "pinned_host"
