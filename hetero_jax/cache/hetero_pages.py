@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from hetero_jax.attention import NEG_INF
 from hetero_jax.cache.hetero_drift import in_position_order
+from pallas_kernels.xla import take_static
 
 
 @jax.tree_util.register_dataclass
@@ -112,7 +113,7 @@ def keep_query(p, pages: PageState, qg) -> PageState:
     """Every decode step, per layer: the satellites' queries qg[:, sats] (qg (B, Hkv, G, D)), for
     ``check_scores`` in the step's ``finish_step`` (a few bytes written each step buy one
     conditional per check group instead of one per layer)."""
-    return dataclasses.replace(pages, query=qg[:, jnp.asarray(p.sats)].astype(pages.query.dtype))
+    return dataclasses.replace(pages, query=take_static(qg, p.sats).astype(pages.query.dtype))
 
 
 def check_scores(policy, pages: PageState) -> jax.Array:
