@@ -215,3 +215,15 @@ def test_no_orphaned_results():
             rep = (RESULTS / summary.ACCURACY_DIR / run / report.REPORT_FILE).read_text()
             assert name in (results.RESULTS_FILE, "run.json", report.REPORT_FILE) or f"]({name})" in rep, f
 
+
+
+def test_model_scoped_target_reads_only_that_models_files(seed):
+    rng = np.random.default_rng(seed)
+    rows = _decode_rows(rng, hetero_ms=80.0, snap_ms=70.0)
+    sources = {"decode": [(f"decode-{m}.json", {"rows": rows, "model": m, "revision": "r"})
+                          for m in ("default", summary.KV_SHAPE)]}
+    targets = (("speedup_share", dict(policy="hetero:0.5", context=8128, batch=4, min=0.9,
+                                      model=summary.KV_SHAPE), "#12"),)
+    table = summary.evaluate(targets, summary.DECODE_CHECKS, sources)
+    assert [t["source"] for t in table] == [f"`decode-{summary.KV_SHAPE}.json`"]
+    assert table[0]["met"] == "**no**"
