@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetero_jax.cache.topk_select import cut_mask, cut_overlap, kth_largest_key, sortable_key, topk_cut, topk_mask
+from hetero_jax.cache.topk_select import (cut_mask, cut_overlap, kth_largest_key, sortable_key, topk_cut, topk_mask,
+                                          topk_positions)
 
 
 def np_topk_set(x, k):
@@ -82,3 +83,20 @@ def test_cut_without_excess_ties_takes_every_tie(seed):
     mask = np.asarray(cut_mask(jnp.asarray(x), cut))
     for i in range(8):
         assert set(np.flatnonzero(mask[i]).tolist()) == np_topk_set(x[i], k[i]), (i, k[i])
+
+
+def test_topk_positions_equal_sorted_top_k_prefix(seed):
+    """The refresh's selection: positions of the top-k set in order == the sorted first k of
+    lax.top_k(s, width), 0 past k, on scores with ties, masked tails and k from 0 to width."""
+    from hetero_jax.cache.hetero_drift import in_position_order
+
+    rng = np.random.default_rng(seed)
+    t = int(rng.integers(200, 900))
+    width = int(rng.integers(1, t))
+    x = jnp.asarray(random_scores(rng, 16, t).reshape(2, 8, t))
+    k = rng.integers(0, width + 1, (2, 8))
+    k[0, :2] = [0, width]
+    pos, m = jax.jit(topk_positions, static_argnums=2)(x, jnp.asarray(k), width)
+    want_pos, want_m = in_position_order(jax.lax.top_k(x, width)[1], jnp.asarray(k))
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(want_m))
+    np.testing.assert_array_equal(np.asarray(pos), np.asarray(want_pos))

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 
 from hetero_jax.cache import hetero_pages
 from hetero_jax.cache.base import Cache, compiled, host_memory_kind, is_host_array, on_host, to_memory
-from hetero_jax.cache.hetero_drift import in_position_order, rate_update
+from hetero_jax.cache.hetero_drift import rate_update
 from hetero_jax.cache.hetero_monitor import checks_at
 from hetero_jax.cache.hetero_pool import write_prompt_rows
+from hetero_jax.cache.topk_select import topk_positions
 
 
 @jax.tree_util.register_dataclass
@@ -142,14 +143,14 @@ def _select_rows(policy, p, src, pi: int, live) -> tuple:
     req = hetero_pages.forced_request(policy, req)  # sink / recent tokens, when asked for
     kc = max(p.caps[j] for j in live)
     keeps = keep[:, jnp.asarray(live)]  # (B, S)
-    idx = jax.lax.top_k(req[:, pi], kc)[1][:, None]  # (B, 1, kc): one top-k per pivot
+    # the positions of a top-k set in position order: a histogram select, not lax.top_k's sort
     if policy.refresh_select == "authors":  # the top max-keep by position, each takes a prefix
-        pos, _ = in_position_order(idx, keeps.max(1, keepdims=True))
+        pos, _ = topk_positions(req[:, pi][:, None], keeps.max(1, keepdims=True), kc)  # (B, 1, kc)
         pos = jnp.broadcast_to(pos, keeps.shape + (kc,))
         m = jnp.arange(kc)[None, None, :] < keeps[..., None]
         pos = jnp.where(m, pos, 0)
-    else:
-        pos, m = in_position_order(jnp.broadcast_to(idx, keeps.shape + (kc,)), keeps)
+    else:  # each satellite its own top keep_j
+        pos, m = topk_positions(jnp.broadcast_to(req[:, pi][:, None], keeps.shape + req.shape[-1:]), keeps, kc)
     return pos, m & flag[:, pi, None, None]
 
 

@@ -96,6 +96,21 @@ def topk_mask(s: jax.Array, k: jax.Array) -> jax.Array:
     return cut_mask(s, topk_cut(s, k))
 
 
+def topk_positions(s: jax.Array, k: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """s (..., T), k (...) int in [0, width] -> (positions (..., width) int32, mask (..., width)):
+    the positions of ``lax.top_k(s, k)``'s set in increasing order, 0 past k, and
+    ``arange(width) < k``; the same as sorting the first k indices of ``lax.top_k(s, width)``
+    (``hetero_drift.in_position_order``), without the top_k's sort: a refresh's selection."""
+    t = s.shape[-1]
+    member = topk_mask(s, k)
+    slot = jnp.where(member, jnp.cumsum(member, axis=-1, dtype=jnp.int32) - 1, width)  # rank by position
+    lead = s.shape[:-1]
+    rows = math.prod(lead)
+    flat = jnp.zeros((rows, width), jnp.int32).at[jnp.arange(rows)[:, None], slot.reshape(rows, t)].set(
+        jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t)), mode="drop")
+    return flat.reshape(lead + (width,)), jnp.arange(width) < jnp.asarray(k)[..., None]
+
+
 def cut_overlap(s: jax.Array, cut, ref: jax.Array, kb: jax.Array) -> jax.Array:
     """|ref ∩ top| / max(kb, 1) where top is the cut of s (B, ..., T): ref (B, ..., Kmax) int
     (valid members >= 0, negative sentinels), kb (B,) -> (B, ...) float32. Reads only s[ref]."""
