@@ -227,3 +227,6 @@ def test_model_scoped_target_reads_only_that_models_files(seed):
     table = summary.evaluate(targets, summary.DECODE_CHECKS, sources)
     assert [t["source"] for t in table] == [f"`decode-{summary.KV_SHAPE}.json`"]
     assert table[0]["met"] == "**no**"
+    targets = (("speedup_share", dict(policy="hetero:0.5", context=8128, batch=4, min=0.9,
+                                      not_model=summary.KV_SHAPE), "#12"),)
+    assert [t["source"] for t in summary.evaluate(targets, summary.DECODE_CHECKS, sources)] == ["`decode-default.json`"]
