@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from hetero_jax.attention import NEG_INF
-from hetero_jax.cache.hetero_drift import in_position_order
+from hetero_jax.cache.topk_select import topk_positions
 from pallas_kernels.xla import take_static
 
 
@@ -95,8 +95,7 @@ def select_rows(policy, p, pages: PageState, flag, keep, pi: int, live) -> tuple
     slots = jnp.asarray([p.sats.index(j) for j in live])
     t = int(pages.kmin.shape[2]) * policy.page_size
     tok = token_scores(pages.score[:, slots], pages.plen, t, policy.page_size, policy.sink, policy.recent)
-    idx = jax.lax.top_k(tok, kc)[1]  # (B, S, kc)
-    pos, m = in_position_order(idx, keep[:, jnp.asarray(live)])
+    pos, m = topk_positions(tok, keep[:, jnp.asarray(live)], kc)  # (B, S, kc), as the pivot refresh
     return pos, m & flag[:, pi, None, None]
 
 
