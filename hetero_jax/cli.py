@@ -82,7 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "duo, streaming, h2o, snapkv, pyramidkv, retrieval, interval; e.g. hetero_plus:recent=128. "
                    "hetero_plus = hetero with sink=4 recent=64 (compressed heads always keep them) "
                    "refresh_by=pages page_size=32 (satellites refresh by their own queries against per-page key "
-                   "bounds); duo: profiled retrieval heads full, the rest n_sink=4 + a recent window "
+                   "bounds; add refresh_when=own to let each satellite's own page check decide when); duo: profiled retrieval heads full, the rest n_sink=4 + a recent window "
                    "(heads=roles|unstable). Options of each policy: README, 'Cache policies'")
     p.add_argument("--ratio", type=float, default=None,
                    help="device prompt-KV budget as a fraction of full KV (compressing policies; e.g. 0.5)")

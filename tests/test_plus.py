@@ -340,7 +340,9 @@ def test_plus_options_and_defaults(seed):
     assert (plus.sink, plus.recent, plus.refresh_by) == (4, 64, "pages")
     n_sats = 3
     assert plus.budget_ratio == pytest.approx(0.5 - n_sats / (16 * plus.page_size))
-    for bad, match in (({"sink": -1}, "sink"), ({"page_size": 0}, "page_size"), ({"refresh_by": "own"}, "refresh_by")):
+    for bad, match in (({"sink": -1}, "sink"), ({"page_size": 0}, "page_size"), ({"refresh_by": "own"}, "refresh_by"),
+                       ({"refresh_when": "pivot_and_own"}, "refresh_when"), ({"own_threshold": 1.5}, "own_threshold"),
+                       ({"refresh_when": "own", "refresh_by": "pivot"}, "refresh_by=pages")):
         with pytest.raises(ValueError, match=match):
             make_policy("hetero_plus", cfg, ratio=0.5, profile=prof, **bad)
     with pytest.raises(ValueError, match="page bounds"):  # F/N = 3/16 = 0.1875; bounds take 3/16/1 of it

@@ -26,7 +26,8 @@ Beyond the paper (issue #13, ``hetero_pages``; off by default, on together in ``
 tokens, at prefill and at every refresh) and ``refresh_by`` "pages" (satellites refresh by their
 own queries against per-page key bounds of ``page_size`` tokens kept on device; the pivot's
 trigger still decides when; the bounds' bytes come out of the compressed heads' budgets, so the
-device prompt KV stays ~ r x full).
+device prompt KV stays ~ r x full); with it, ``refresh_when`` "own" (each satellite's own page-set
+check decides when it refreshes, ``own_threshold``; its pivot's no longer does).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from hetero_jax.profile_io import Profile, as_profile
 
 CHOICES = {"trigger": ("sequence", "batch"), "refresh_select": ("authors", "topk"),
            "check_impl": ("spread", "select", "topk"), "lag": (1, 2), "threshold_mode": ("fixed", "rate"),
-           "refresh_by": ("pivot", "pages")}
+           "refresh_by": ("pivot", "pages"), "refresh_when": ("pivot", "own")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,8 @@ class HeteroCache(CachePolicy):
     recent: int = 0  # ... and the last ``recent``
     refresh_by: str = "pivot"  # "pages": satellites choose by their own queries (hetero_pages)
     page_size: int = 32
+    refresh_when: str = "pivot"  # "own" (with refresh_by "pages"): each satellite's own page check triggers it
+    own_threshold: float = 0.5  # "own": refresh when the top pages' overlap with the last ones is below it
     profile_name: str = ""
     model_shards: int = 1  # devices the KV heads split over (set by ``on_mesh``): the blocks' layout
 
@@ -102,12 +105,17 @@ class HeteroCache(CachePolicy):
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold (drift) must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.own_threshold <= 1.0:
+            raise ValueError(f"own_threshold (a satellite's page-set overlap) must be in [0, 1], got {self.own_threshold}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps (decode steps between drift checks) must be an int >= 1, got {self.steps!r}")
         for option, choices in CHOICES.items():
             if getattr(self, option) not in choices:
                 raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}, "
                                  f"got {getattr(self, option)!r}")
+        if self.refresh_when == "own" and self.refresh_by != "pages":
+            raise ValueError("refresh_when='own' needs refresh_by='pages' (a satellite checks itself by its page "
+                             "bounds); add refresh_by=pages")
         if not (isinstance(self.select_window, int) and self.select_window >= 1):
             raise ValueError(f"select_window (prompt queries voting for kept tokens) must be an int >= 1, "
                              f"got {self.select_window!r}")
@@ -174,7 +182,8 @@ class HeteroCache(CachePolicy):
         if p.monitored:
             st = dataclasses.replace(st, drift=init_drift(self, p, scores, q, kt, vt, lengths, max_new_tokens))
             if self.refresh_by == "pages":
-                st = dataclasses.replace(st, pages=hetero_pages.init_pages(self, p, kt, q, lengths))
+                last_q = group_queries(last_rows(q, lengths, 1), hkv)[:, :, :, 0]  # (B, Hkv, G, D)
+                st = dataclasses.replace(st, pages=hetero_pages.init_pages(self, p, kt, q, lengths, keep, last_q))
         return st
 
     def _window_scores(self, q, k, lengths, keeps):
@@ -229,6 +238,7 @@ class HeteroCache(CachePolicy):
             "ratio": self.ratio, "profile": self.profile_name, "steps": self.steps, "threshold": self.threshold,
             "trigger": self.trigger, "refresh_select": self.refresh_select, "sink": self.sink, "recent": self.recent,
             "refresh_by": self.refresh_by, "page_size": self.page_size, "budget_ratio": self.budget_ratio,
+            "refresh_when": self.refresh_when, "own_threshold": self.own_threshold,
             "lag_steps": self.lag, "check_impl": self.check_impl, "stagger": self.stagger,
             "threshold_mode": self.threshold_mode, "counts": self._profile().counts(),
             "thresholds": [float(st.drift.thr) if st.drift is not None else None for st in cache.layers],
@@ -244,6 +254,13 @@ class HeteroCache(CachePolicy):
             "per_pivot": per_pivot,
             "host_prompt_bytes": array_bytes(cache.host.kv) if isinstance(cache.host, hetero_refresh.HeteroHost) else 0,
         })
+        if self.refresh_when == "own":  # satellites decide: checks and refreshes counted per satellite
+            own = [(int(st.pages.checks) * len(st.pages.refreshes), np.asarray(st.pages.refreshes))
+                   for st in cache.layers if st.pages is not None]
+            out.update({"checks": sum(c for c, _ in own), "refreshes": int(sum(r.sum() for _, r in own)),
+                        "refreshes_per_layer": [int(np.asarray(st.pages.refreshes).sum()) if st.pages is not None
+                                                else 0 for st in cache.layers],
+                        "counted_per": "satellite"})
         out.update(self._step_masks(cache))
         return out
 

@@ -94,9 +94,11 @@ def finish_step(policy, cache):
     overlap of every monitored pivot of every layer in one batch (B, sum P, T), then the check of
     the group due, batched too (the same decisions as a per-layer check: every row is cut and
     compared on its own). refresh_by "pages": at a check step, the satellites' page scores of the
-    queries their layer kept (``hetero_pages``)."""
+    queries their layer kept (``hetero_pages``); refresh_when "own": the satellites' own checks,
+    whose result replaces the pivots' flags (a pivot's refresh then moves its fired satellites)."""
     mon = [l for l, st in enumerate(cache.layers) if st.drift is not None]
     spread, paged = policy.check_impl == "spread", policy.refresh_by == "pages"
+    own = paged and policy.refresh_when == "own"
     if not mon or not (spread or paged):
         return cache
     step, layers = cache.step, list(cache.layers)
@@ -109,10 +111,11 @@ def finish_step(policy, cache):
         drift = tuple((layers[l].drift.ref, layers[l].drift.flag, layers[l].drift.overlap, layers[l].drift.checks,
                        layers[l].drift.refreshes, layers[l].drift.fired, layers[l].drift.req)
                       for l in group) if spread else ()
-        scores = tuple(layers[l].pages.score for l in group) if paged else ()
+        scores = tuple(layers[l].pages for l in group) if paged else ()
+        marks = tuple((layers[l].drift.flag, layers[l].drift.fired) for l in group) if own else ()
 
         def due(carry, group=group):
-            drift, scores = carry
+            drift, scores, marks = carry
             if spread:
                 rows = np.concatenate([np.arange(spans[l].start, spans[l].stop) for l in group])
                 sub = (lambda x: x) if len(rows) == now.shape[1] else (lambda x: x[:, jnp.asarray(rows)])  # noqa: E731
@@ -120,17 +123,35 @@ def finish_step(policy, cache):
                                  tuple(map(sub, cut)))
                 drift = tuple(c + (now[:, spans[l]],) for c, l in zip(checked, group))  # req: the check's scores
             if paged:
-                scores = tuple(hetero_pages.check_scores(policy, layers[l].pages) for l in group)
-            return drift, scores
+                scores = tuple(dataclasses.replace(pg, score=hetero_pages.check_scores(policy, pg)) for pg in scores)
+            if own:
+                scores = tuple(hetero_pages.own_check(policy, pg, pg.score, layers[l].keep[:, jnp.asarray(
+                    policy.plan(l, layers[l].T, layers[l].max_new, layers[l].shards).sats)])
+                               for l, pg in zip(group, scores))
+                marks = tuple(_own_marks(policy.plan(l, layers[l].T, layers[l].max_new, layers[l].shards), pg, fired,
+                                         step) for l, pg, (_, fired) in zip(group, scores, marks))
+            return drift, scores, marks
 
-        drift, scores = jax.lax.cond(checks_at(policy, group[0], step), due, lambda c: c, (drift, scores))
+        drift, scores, marks = jax.lax.cond(checks_at(policy, group[0], step), due, lambda c: c,
+                                            (drift, scores, marks))
         for l, (ref, flag, med, checks, refreshes, fired, req) in zip(group, drift):
             layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(
                 layers[l].drift, ref=ref, flag=flag, overlap=med, checks=checks, refreshes=refreshes, fired=fired,
                 req=req))
-        for l, score in zip(group, scores):
-            layers[l] = dataclasses.replace(layers[l], pages=dataclasses.replace(layers[l].pages, score=score))
+        for l, pages in zip(group, scores):
+            layers[l] = dataclasses.replace(layers[l], pages=pages)
+        for l, (flag, fired) in zip(group, marks):
+            layers[l] = dataclasses.replace(layers[l], drift=dataclasses.replace(layers[l].drift, flag=flag,
+                                                                                   fired=fired))
     return dataclasses.replace(cache, layers=tuple(layers))
+
+
+def _own_marks(p: LayerPlan, pages, fired, step):
+    """refresh_when "own": a pivot's flag (B, P) is set where any of its satellites' own check
+    fired, and the step's ``fired`` mark where any did."""
+    cols = [pages.own[:, jnp.asarray([p.sats.index(j) for j in sats])].any(-1) if sats else
+            jnp.zeros(pages.own.shape[:1], bool) for _, sats in p.monitored]
+    return jnp.stack(cols, 1), fired.at[step].set(pages.own.any(), mode="drop")
 
 
 def _step_overlaps(policy, layers, mon, step, plen):

@@ -16,6 +16,12 @@ Both are options of the ``hetero`` policy (``sink``, ``recent``, ``refresh_by="p
   triggers, the satellite keeps its forced tokens plus the tokens of its best pages, ``cap_j``
   tokens in all (ties to the lowest position, so whole pages in bound order, the last one cut),
   read from the host copy. The pivot still decides *when*.
+* ``refresh_when="own"``: each satellite decides *when* too. At prefill it records the pages its
+  kept tokens would take by the last prompt query's bounds (``ref``: the top m_j pages, m_j =
+  its budget's pages after the forced tokens); at every check it takes the top m_j pages of its
+  new scores and refreshes (only itself, only its sequences) when their overlap with ``ref`` is
+  below ``own_threshold`` (``own_check``), ``ref`` becoming the new set. Its pivot's check no
+  longer triggers it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from hetero_jax.attention import NEG_INF
-from hetero_jax.cache.topk_select import topk_positions
+from hetero_jax.cache.topk_select import topk_mask, topk_positions
 from pallas_kernels.xla import take_static
 
 
@@ -39,6 +45,10 @@ class PageState:
     score: jax.Array  # (B, S, pages) f32 page bounds of each satellite's query at the last check
     plen: jax.Array  # (B,) int32 real prompt length
     query: Any = None  # (B, S, G, D) this decode step's queries of the satellites (init_pages on)
+    ref: Any = None  # refresh_when "own": (B, S, pages) bool, each satellite's pages at its last refresh
+    own: Any = None  # (B, S) bool: the satellites whose own check fired at the last check
+    checks: Any = None  # () int32 checks run
+    refreshes: Any = None  # (S,) int32 checks at which each satellite refreshed (any sequence)
 
 
 def force_kept(scores, lengths, sink: int, recent: int):
@@ -96,16 +106,48 @@ def select_rows(policy, p, pages: PageState, flag, keep, pi: int, live) -> tuple
     t = int(pages.kmin.shape[2]) * policy.page_size
     tok = token_scores(pages.score[:, slots], pages.plen, t, policy.page_size, policy.sink, policy.recent)
     pos, m = topk_positions(tok, keep[:, jnp.asarray(live)], kc)  # (B, S, kc), as the pivot refresh
+    if pages.own is not None:  # refresh_when "own": each satellite by its own check
+        return pos, m & pages.own[:, slots, None]
     return pos, m & flag[:, pi, None, None]
 
 
-def init_pages(policy, p, kt, q, lengths) -> PageState:
+def init_pages(policy, p, kt, q, lengths, keep, last_q) -> PageState:
     """Bounds of the layer's satellites (stage-slot order) from the prompt's head-major keys kt
-    (B, Hkv, T, D); a query slot per satellite shaped as the prompt's queries q (B, T, Hq, D)."""
+    (B, Hkv, T, D); a query slot per satellite shaped as the prompt's queries q (B, T, Hq, D).
+    refresh_when "own": the reference pages of the last prompt query last_q (B, Hkv, G, D) with
+    the budgets keep (B, Hkv)."""
     b, hkv, _, d = kt.shape
-    kmin, kmax = page_bounds(kt[:, jnp.asarray(p.sats)], lengths, policy.page_size)
+    sats = jnp.asarray(p.sats)
+    kmin, kmax = page_bounds(kt[:, sats], lengths, policy.page_size)
     query = jnp.zeros((b, len(p.sats), q.shape[2] // hkv, d), q.dtype)
-    return PageState(kmin, kmax, jnp.zeros(kmin.shape[:3], jnp.float32), lengths.astype(jnp.int32), query)
+    plen = lengths.astype(jnp.int32)
+    st = PageState(kmin, kmax, jnp.zeros(kmin.shape[:3], jnp.float32), plen, query)
+    if policy.refresh_when != "own":
+        return st
+    score = page_scores(last_q[:, sats], kmin, kmax, plen, policy.page_size)
+    ref = topk_mask(score, own_pages(policy, keep[:, sats], plen, kmin.shape[2]))
+    return dataclasses.replace(st, ref=ref, own=jnp.zeros(ref.shape[:2], bool), checks=jnp.zeros((), jnp.int32),
+                               refreshes=jnp.zeros((len(p.sats),), jnp.int32))
+
+
+def own_pages(policy, keep, plen, n: int):
+    """m_j (B, S): the pages a satellite's budget keep (B, S) holds after its forced tokens, at
+    least 1 and at most the prompt's pages."""
+    free = keep - policy.sink - policy.recent
+    real = -(-plen // policy.page_size)  # (B,)
+    return jnp.clip(-(-free // policy.page_size), 1, jnp.minimum(real, n)[:, None]).astype(jnp.int32)
+
+
+def own_check(policy, pages: PageState, score, keep) -> PageState:
+    """refresh_when "own", at a check: each satellite's top m_j pages by its new page scores score
+    (B, S, pages) against its reference pages; the satellites whose overlap is below
+    ``own_threshold`` refresh (``own``) and take the new pages as reference."""
+    m = own_pages(policy, keep, pages.plen, score.shape[-1])
+    new = topk_mask(score, m)
+    overlap = (new & pages.ref).sum(-1).astype(jnp.float32) / m.astype(jnp.float32)
+    own = overlap < policy.own_threshold
+    return dataclasses.replace(pages, score=score, ref=jnp.where(own[..., None], new, pages.ref), own=own,
+                               checks=pages.checks + 1, refreshes=pages.refreshes + own.any(0).astype(jnp.int32))
 
 
 def keep_query(p, pages: PageState, qg) -> PageState:

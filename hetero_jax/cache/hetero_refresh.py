@@ -154,20 +154,27 @@ def _select_rows(policy, p, src, pi: int, live) -> tuple:
     return pos, m & flag[:, pi, None, None]
 
 
-def _fetch_rows(p, kv, pos, live, host_kind, dev) -> tuple:
-    """Each live satellite's cap_j rows at ``pos`` from the host copy -> ((B, cap_j, D) k, v) each."""
+def _fetch_rows(p, kv, pos, live, host_kind, dev, w=None) -> tuple:
+    """Each live satellite's cap_j rows at ``pos`` from the host copy -> ((B, cap_j, D) k, v) each.
+    With ``w`` (refresh_when "own"), only the satellites with a row to write move theirs."""
     out = []
     for i, j in enumerate(live):  # each satellite moves exactly its cap_j rows
         slot = jnp.asarray([p.sats.index(j)])
-        rk, rv = _gather_rows(kv[0], kv[1], slot, pos[:, i:i + 1, : p.caps[j]], host_kind, dev)
-        out.append((rk[:, 0], rv[:, 0]))
+
+        def get(at, slot=slot):
+            rk, rv = _gather_rows(kv[0], kv[1], slot, at, host_kind, dev)
+            return rk[:, 0], rv[:, 0]
+
+        at = pos[:, i:i + 1, : p.caps[j]]
+        out.append(get(at) if w is None else jax.lax.cond(w[:, i].any(), get, _zeros_like(get, at), at))
     return tuple(out)
 
 
-def _write_rows(p, st, pi: int, live, rows, w):
+def _write_rows(p, st, pi: int, live, rows, w, own: bool = False):
     for i, j in enumerate(live):
         st = write_prompt_rows(p, st, j, rows[i], w[:, i, : p.caps[j]])
-    moved = st.drift.rows_moved.at[pi].add(st.keep.shape[0] * sum(p.caps[j] for j in live))
+    moves = [w[:, i].any().astype(jnp.int32) if own else 1 for i in range(len(live))]  # own: only fired ones moved
+    moved = st.drift.rows_moved.at[pi].add(st.keep.shape[0] * sum(m * p.caps[j] for m, j in zip(moves, live)))
     return dataclasses.replace(st, drift=dataclasses.replace(st.drift, rows_moved=moved))
 
 
@@ -194,7 +201,9 @@ def _refresh(env, states, kvs):
         for pi, live in _live(p):
             def do(st, p=p, pi=pi, live=live, kv=kv, kind=kind):
                 pos, w = _select_rows(policy, p, _source(st), pi, live)
-                st = _write_rows(p, st, pi, live, _fetch_rows(p, kv, pos, live, kind, dev), w)
+                own = policy.refresh_when == "own"
+                rows = _fetch_rows(p, kv, pos, live, kind, dev, w if own else None)
+                st = _write_rows(p, st, pi, live, rows, w, own)
                 flag = st.drift.flag.at[:, pi].set(False)
                 return dataclasses.replace(st, drift=dataclasses.replace(st.drift, flag=flag))
 
@@ -220,15 +229,15 @@ def _select(env, srcs):
 
 def _fetch(env, sels, kvs):
     """lag 2, host gather (runs while the next decode step computes)."""
-    _, _, kinds, dev = env
+    policy, _, kinds, dev = env
     out = []
     for p, (sel, _), kv, kind in zip(_plans(env), sels, kvs, kinds):
         rows = []
         for (pi, live), (pos, w) in zip(_live(p), sel):
-            def get(pos, p=p, live=live, kv=kv, kind=kind):
-                return _fetch_rows(p, kv, pos, live, kind, dev)
+            def get(pos, w, p=p, live=live, kv=kv, kind=kind):
+                return _fetch_rows(p, kv, pos, live, kind, dev, w if policy.refresh_when == "own" else None)
 
-            rows.append(jax.lax.cond(w.any(), get, _zeros_like(get, pos), pos))
+            rows.append(jax.lax.cond(w.any(), get, _zeros_like(get, pos, w), pos, w))
         out.append(tuple(rows))
     return tuple(out)
 
@@ -240,7 +249,7 @@ def _apply(env, states, pending):
     for p, st, ((sel, fired), rows) in zip(_plans(env), states, pending):
         for (pi, live), (_, w), rw in zip(_live(p), sel, rows):
             def put(st, p=p, pi=pi, live=live, rw=rw, w=w):
-                return _write_rows(p, st, pi, live, rw, w)
+                return _write_rows(p, st, pi, live, rw, w, env[0].refresh_when == "own")
 
             st = jax.lax.cond(fired[pi], put, lambda s: s, st)
         out.append(st)
