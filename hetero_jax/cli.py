@@ -79,15 +79,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", default="full", help="cache policy NAME[:OPTION=VALUE...]: full, hetero, hetero_plus, "
-                   "duo, streaming, h2o, snapkv, pyramidkv, retrieval, interval; e.g. hetero_plus:recent=128. "
+                   "hetero_fit, duo, streaming, h2o, snapkv, pyramidkv, retrieval, interval; e.g. hetero_plus:recent=128. "
                    "hetero_plus = hetero with sink=4 recent=64 (compressed heads always keep them) "
                    "refresh_by=pages page_size=32 (satellites refresh by their own queries against per-page key "
-                   "bounds; add refresh_when=own to let each satellite's own page check decide when); duo: profiled retrieval heads full, the rest n_sink=4 + a recent window "
+                   "bounds; add refresh_when=own to let each satellite's own page check decide when); hetero_fit = hetero_plus "
+                   "on the shipped fitted profile with budget_by=layer select_window=32 (issue #13's best); "
+                   "duo: profiled retrieval heads full, the rest n_sink=4 + a recent window "
                    "(heads=roles|unstable). Options of each policy: README, 'Cache policies'")
     p.add_argument("--ratio", type=float, default=None,
                    help="device prompt-KV budget as a fraction of full KV (compressing policies; e.g. 0.5)")
     p.add_argument("--profile", default=None, help="HeteroCache head profile JSON (default: the one shipped "
-                   "for the default model)")
+                   "for the default model; hetero_fit: the shipped fitted one)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

@@ -34,6 +34,7 @@ FINGERPRINT_FIELDS = (
     "vocab_size", "rope_theta", "max_position_embeddings",
 )
 PROFILES_DIR = Path(__file__).parent / "profiles"
+FITTED_DIR = PROFILES_DIR / "fitted"
 
 
 class ProfileError(ValueError):
@@ -259,26 +260,29 @@ def load_profile(path) -> Profile:
     return Profile.from_json_dict(d, source=str(path))
 
 
-def shipped_profile(cfg: LlamaConfig) -> Profile:
-    """The profile shipped with the package whose fingerprint matches ``cfg``."""
+def shipped_profile(cfg: LlamaConfig, fitted: bool = False) -> Profile:
+    """The profile shipped with the package whose fingerprint matches ``cfg``; ``fitted``: the one
+    profiled with ``--max-full-fraction`` (profiles/fitted/, the ``hetero_fit`` policy's default)."""
     want = model_fingerprint(cfg)
     found = []
-    for p in sorted(PROFILES_DIR.glob("*.json")):
+    for p in sorted((FITTED_DIR if fitted else PROFILES_DIR).glob("*.json")):
         prof = load_profile(p)
         found.append(prof.model.get("name", p.stem))
         if prof.model.get("fingerprint") == want:
             return prof
+    kind, how = ("fitted ", " --max-full-fraction 0.1") if fitted else ("", "")
     raise ProfileError(
-        f"no shipped HeteroCache profile matches this model (shipped: {', '.join(found) or 'none'}); "
-        "make one with `hetero-jax profile --model ... --out PROFILE.json` and pass profile=PROFILE.json "
+        f"no shipped {kind}HeteroCache profile matches this model (shipped: {', '.join(found) or 'none'}); "
+        f"make one with `hetero-jax profile --model ...{how} --out PROFILE.json` and pass profile=PROFILE.json "
         "(CLI: --profile)"
     )
 
 
-def as_profile(profile: Any, cfg: LlamaConfig) -> Profile:
-    """None (shipped default), a path, a JSON dict or a Profile -> a Profile checked against ``cfg``."""
+def as_profile(profile: Any, cfg: LlamaConfig, fitted: bool = False) -> Profile:
+    """None (shipped default, ``fitted`` or not), a path, a JSON dict or a Profile -> a Profile
+    checked against ``cfg``."""
     if profile is None:
-        prof = shipped_profile(cfg)
+        prof = shipped_profile(cfg, fitted)
     elif isinstance(profile, Profile):
         prof = profile
     elif isinstance(profile, dict):

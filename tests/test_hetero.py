@@ -229,11 +229,12 @@ def test_ratio_one_is_full_kv(seed):
 
 
 # ------------------------------------------------------------------------------------ prefill selection
-def test_prefill_selection_matches_numpy(seed):
+@pytest.mark.parametrize("budget_by", ["head", "layer"])
+def test_prefill_selection_matches_numpy(seed, budget_by):
     rng = np.random.default_rng(seed)
     cfg = make_cfg(layers=1, kv=4, group=3)
     prof = random_profile(cfg, rng, [([(1, [0, 3])], "aaav")])
-    pol = HeteroCache.create(cfg, ratio=0.6, profile=prof)
+    pol = HeteroCache.create(cfg, ratio=0.6, profile=prof, budget_by=budget_by)
     b, t, hkv, g, d = 2, 256, 4, 3, 16
     q = rng.standard_normal((b, t, hkv * g, d)).astype(np.float32)
     k = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
@@ -247,7 +248,10 @@ def test_prefill_selection_matches_numpy(seed):
         for h in range(hkv):
             sc = np_group_scores(q[bi, n - 1, h * g:(h + 1) * g], k[bi, :, h], n)
             kh = int(keep[bi, h])
-            assert kh == prof.head_budget(0, h, 0.6, int(n))
+            if budget_by == "head" or prof.roles[0][h] in ("pivot", "volatile"):
+                assert kh == prof.head_budget(0, h, 0.6, int(n))
+            else:  # the layer's one cap: (r N - F) n rows over its compressed heads, at most n
+                assert kh == min(int(n), int((0.6 * 4 - prof.num_full) * int(n) + 1e-9) // 3)
             seg = slice(0, kh)
             pool_k, pool_v = (np.asarray(x) for x in head_rows(p, st, h))
             if prof.roles[0][h] in ("pivot", "volatile"):

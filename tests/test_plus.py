@@ -386,3 +386,75 @@ def test_fit_sim_threshold_picks_nearest_threshold_within_the_fraction(seed):
     assert abs(got - 0.5) == min(abs(thr - 0.5) for thr in ok)
     with pytest.raises(ValueError, match="no similarity threshold"):
         fit_sim_threshold(pre, dec, max_full_fraction=min(frac.values()) / 2)
+
+
+# ------------------------------------------------------------------------------------ budget_by="layer"
+def np_layer_caps(prof, ratio, n):
+    """float64 reference: bisection for the base B with sum_l C_l min(n, B W_l) = (r N - F) n."""
+    count = np.array([sum(not prof.is_full(l, h) for h in range(len(r))) for l, r in enumerate(prof.roles)])
+    top = np.array([max([w for h, w in enumerate(ws) if not prof.is_full(l, h)] or [0.0])
+                    for l, ws in enumerate(prof.weights)])
+    target = np.floor((ratio * prof.num_heads - prof.num_full) * n)
+    lo, hi = 0.0, 10.0 * n + 10.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (count * np.minimum(n, mid * top)).sum() <= target else (lo, mid)
+    return np.minimum(np.floor(lo * top), n).astype(int), count, target
+
+
+def test_layer_caps_match_a_float64_reference(seed):
+    from hetero_jax.cache.hetero_pool import layer_caps
+
+    rng = np.random.default_rng(seed)
+    cfg = make_cfg(layers=4, kv=4)
+    prof = random_profile(cfg, rng, LAYOUTS, stab_range=(0.05, 0.95))
+    ratio = float(rng.uniform(0.3, 0.95))
+    t = int(rng.integers(40, 300))
+    table = layer_caps(prof, ratio, t)
+    assert table.shape == (t + 1, 4)
+    for n in [0, 1, 2, t // 3, t - 1, t] + rng.integers(0, t + 1, 5).tolist():
+        want, count, target = np_layer_caps(prof, ratio, n)
+        got = table[n].astype(int)
+        assert (np.abs(got - want) <= 1).all(), (n, got, want)
+        held = int((count * got).sum())
+        assert held <= target and held >= target - count.sum() - len(count), (n, held, target)
+        assert (got <= n).all()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.35])
+def test_budget_by_layer_fills_the_padding_and_holds_the_ratio(seed, ratio):
+    """Every compressed head of a layer keeps its layer's cap (its block's rows are all used), the
+    kept rows are the top rows by the selection scores as with budget_by="head", and the blocks
+    allocate r x full (less the page bounds), padding included."""
+    rng = np.random.default_rng(seed)
+    cfg = make_cfg(layers=4, kv=4)
+    prof = random_profile(cfg, rng, LAYOUTS, stab_range=(0.05, 0.95))
+    params = init_random_params(cfg, seed, scale=0.1)
+    t, max_new = 384, 8
+    pol = make_policy("hetero_plus", cfg, ratio=ratio, profile=prof, budget_by="layer")
+    head = make_policy("hetero_plus", cfg, ratio=ratio, profile=prof)
+    lengths = [t, int(rng.integers(100, t))]
+    _, caches = run(params, cfg, pol, prompts(rng, lengths, t), lengths, 0, max_new)
+    stats = pol.stats(caches[0])
+    assert stats["prompt_slots_device"] == stats["prompt_slots_budget"]
+    n_heads = 16
+    want = (pol.budget_ratio * n_heads) * t
+    assert want - n_heads - 4 <= stats["prompt_slots_device"] <= want
+    assert stats["prompt_slots_device"] <= sum(head.plan(l, t, max_new).prompt_slots(t) for l in range(4))
+    for l, st in enumerate(caches[0].layers):
+        p = pol.plan(l, t, max_new)
+        keep = np.asarray(st.keep)
+        comp = [h for h in range(4) if not p.full[h]]
+        assert len({p.caps[h] for h in comp}) <= 1
+        for bi, n in enumerate(lengths):
+            for h in comp:
+                assert keep[bi, h] == p.keep_tables[h][n] == layer_caps_of(pol, t)[n, l]
+            for h in range(4):
+                if p.full[h]:
+                    assert keep[bi, h] == n
+
+
+def layer_caps_of(pol, t):
+    from hetero_jax.cache.hetero_pool import layer_caps
+
+    return layer_caps(pol._profile(), pol.budget_ratio, t)

@@ -219,6 +219,27 @@ def test_profile_json_round_trip_and_refusals(tiny_profile, tmp_path):
         load_profile(tmp_path / "missing.json")
 
 
+def test_hetero_fit_defaults_to_the_shipped_fitted_profile():
+    """``hetero_fit`` loads profiles/fitted/ (made with --max-full-fraction, so F/N within it), runs
+    budget_by="layer" and select_window=32, and a model without a fitted profile gets a clear error."""
+    from hetero_jax.cache import make_policy
+    from hetero_jax.profile_io import FITTED_DIR
+
+    fitted = shipped_profile(SMOLLM2, fitted=True)
+    plain = shipped_profile(SMOLLM2)
+    frac = fitted.params["max_full_fraction"]
+    assert fitted.num_full / fitted.num_heads <= frac < plain.num_full / plain.num_heads
+    assert fitted.params["topk"] == plain.params["topk"] and fitted.model == plain.model
+    pol = make_policy("hetero_fit", SMOLLM2, ratio=0.5)
+    assert pol.roles == fitted.roles and pol.roles != plain.roles
+    assert (pol.budget_by, pol.select_window, pol.refresh_by, pol.sink, pol.recent) == ("layer", 32, "pages", 4, 64)
+    assert make_policy("hetero_plus", SMOLLM2, ratio=0.5).roles == plain.roles
+    assert sorted(p.name for p in FITTED_DIR.glob("*.json")) == ["smollm2-135m-instruct.json"]
+    other = dataclasses.replace(SMOLLM2, num_layers=4)
+    with pytest.raises(ProfileError, match="no shipped fitted HeteroCache profile.*--max-full-fraction 0.1"):
+        make_policy("hetero_fit", other, ratio=0.5)
+
+
 def test_default_lengths():
     assert default_lengths(SMOLLM2) == (4096, 839)
     assert default_lengths(dataclasses.replace(SMOLLM2, max_position_embeddings=131072)) == (5000, 1024)

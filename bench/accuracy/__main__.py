@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--policies", type=_names, default=["full"],
                    help="cache policies, comma-separated: NAME[:RATIO][:OPTION=VALUE...] with registry names (full, "
-                   "hetero, hetero_plus, duo, snapkv, streaming, h2o, pyramidkv, retrieval, interval), e.g. "
+                   "hetero, hetero_plus, hetero_fit, duo, snapkv, streaming, h2o, pyramidkv, retrieval, interval), e.g. "
                    "hetero:0.4,hetero:0.5:threshold=1 (refresh at every check); default full")
     p.add_argument("--tasks", default="ruler", help=f"tasks or groups ({', '.join(SUITES)}, all); default ruler")
     p.add_argument("--lengths", type=_ints, default=[4096],

@@ -15,6 +15,7 @@ POLICIES = {
     "full": "hetero_jax.cache.full:FullKV",
     "hetero": "hetero_jax.cache.hetero:HeteroCache",
     "hetero_plus": "hetero_jax.cache.hetero_plus:HeteroPlus",
+    "hetero_fit": "hetero_jax.cache.hetero_fit:HeteroFit",
     "duo": "hetero_jax.cache.duo:DuoAttention",
     "streaming": "hetero_jax.cache.streaming:StreamingLLM",
     "h2o": "hetero_jax.cache.h2o:H2O",

@@ -27,7 +27,11 @@ tokens, at prefill and at every refresh) and ``refresh_by`` "pages" (satellites 
 own queries against per-page key bounds of ``page_size`` tokens kept on device; the pivot's
 trigger still decides when; the bounds' bytes come out of the compressed heads' budgets, so the
 device prompt KV stays ~ r x full); with it, ``refresh_when`` "own" (each satellite's own page-set
-check decides when it refreshes, ``own_threshold``; its pivot's no longer does).
+check decides when it refreshes, ``own_threshold``; its pivot's no longer does); ``budget_by``
+"head" (each compressed head its own weight's cap, the block padded to the layer's largest and the
+padding allocated but not counted) or "layer" (``hetero_pool.layer_caps``: all compressed heads of a
+layer keep the layer's cap, the padding filled with tokens and charged to the budget, so device
+bytes stay r x full). ``hetero_fit`` runs the best of these on a fitted profile.
 """
 
 from __future__ import annotations
@@ -46,18 +50,19 @@ from hetero_jax.cache.base import Cache, CachePolicy, array_bytes
 from hetero_jax.cache.hetero_drift import in_position_order
 from hetero_jax.cache.hetero_monitor import (checks_at, finish_step, group_max_scores, init_drift, monitor,
                                              record_logits)
-from hetero_jax.cache.hetero_pool import LayerPlan, append_and_attend, layer_plan, store_prompt
+from hetero_jax.cache.hetero_pool import LayerPlan, append_and_attend, layer_caps, layer_plan, store_prompt
 from hetero_jax.cache.selection import forced_scores, head_major, window_votes
 from hetero_jax.profile_io import Profile, as_profile
 
 CHOICES = {"trigger": ("sequence", "batch"), "refresh_select": ("authors", "topk"),
            "check_impl": ("spread", "select", "topk"), "lag": (1, 2), "threshold_mode": ("fixed", "rate"),
-           "refresh_by": ("pivot", "pages"), "refresh_when": ("pivot", "own")}
+           "refresh_by": ("pivot", "pages"), "refresh_when": ("pivot", "own"), "budget_by": ("head", "layer")}
 
 
 @dataclasses.dataclass(frozen=True)
 class HeteroCache(CachePolicy):
     name: ClassVar[str] = "hetero"
+    fitted_profile: ClassVar[bool] = False  # default profile: profiles/fitted/ (``hetero_fit``)
     needs_profile: ClassVar[bool] = True
     roles: tuple = ()
     weights: tuple = ()
@@ -81,6 +86,7 @@ class HeteroCache(CachePolicy):
     page_size: int = 32
     refresh_when: str = "pivot"  # "own" (with refresh_by "pages"): each satellite's own page check triggers it
     own_threshold: float = 0.5  # "own": refresh when the top pages' overlap with the last ones is below it
+    budget_by: str = "head"  # "layer": a layer's compressed heads share one cap, its padding charged (layer_caps)
     profile_name: str = ""
     model_shards: int = 1  # devices the KV heads split over (set by ``on_mesh``): the blocks' layout
 
@@ -88,7 +94,7 @@ class HeteroCache(CachePolicy):
     def create(cls, cfg, ratio=None, profile=None, params=None, **options) -> "HeteroCache":
         """``profile``: None (the shipped profile for ``cfg``), a path, a dict or a Profile;
         ``params``, when given, are checked against the profile's weights digest too."""
-        prof = as_profile(profile, cfg)
+        prof = as_profile(profile, cfg, cls.fitted_profile)
         if params is not None:
             prof.check_model(cfg, params)
         ratio = 0.5 if ratio is None else ratio
@@ -146,7 +152,12 @@ class HeteroCache(CachePolicy):
     def plan(self, layer: int, t: int, max_new: int, shards: int | None = None) -> LayerPlan:
         """The layer's layout; ``shards`` (default ``model_shards``) as the state was built with."""
         return layer_plan(self._profile(), self.budget_ratio, layer, t, max_new,
-                          self.model_shards if shards is None else shards)
+                          self.model_shards if shards is None else shards,
+                          self._layer_caps(t) if self.budget_by == "layer" else None)
+
+    @functools.lru_cache(maxsize=8)
+    def _layer_caps(self, t: int) -> np.ndarray:
+        return layer_caps(self._profile(), self.budget_ratio, t)
 
     @functools.lru_cache(maxsize=8)
     def base_table(self, t: int) -> np.ndarray:
@@ -238,7 +249,7 @@ class HeteroCache(CachePolicy):
             "ratio": self.ratio, "profile": self.profile_name, "steps": self.steps, "threshold": self.threshold,
             "trigger": self.trigger, "refresh_select": self.refresh_select, "sink": self.sink, "recent": self.recent,
             "refresh_by": self.refresh_by, "page_size": self.page_size, "budget_ratio": self.budget_ratio,
-            "refresh_when": self.refresh_when, "own_threshold": self.own_threshold,
+            "refresh_when": self.refresh_when, "own_threshold": self.own_threshold, "budget_by": self.budget_by,
             "lag_steps": self.lag, "check_impl": self.check_impl, "stagger": self.stagger,
             "threshold_mode": self.threshold_mode, "counts": self._profile().counts(),
             "thresholds": [float(st.drift.thr) if st.drift is not None else None for st in cache.layers],

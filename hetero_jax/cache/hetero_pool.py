@@ -83,16 +83,50 @@ def _blocks(full: tuple, caps: tuple, shards: int) -> tuple:
     return tuple(long_), tuple(short)
 
 
-def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int, shards: int = 1) -> LayerPlan:
+def layer_caps(prof: Profile, ratio: float, t: int) -> np.ndarray:
+    """(t+1, layers) int32: ``budget_by="layer"``'s prompt rows per compressed head for each real
+    length n <= t. Every compressed head of layer l keeps min(n, floor(B x W_l)), W_l the layer's
+    largest budget weight, and B solves sum_l C_l min(n, B W_l) = floor((r N - F) n) (C_l the layer's
+    compressed heads; layers whose cap reaches n are clamped and the rest re-solved): the blocks,
+    padding included, hold the faithful formula's total. The padding to the layer's largest budget
+    is filled with tokens and charged, instead of allocated empty and left out of the budget."""
+    n = np.arange(t + 1, dtype=np.float64)
+    if ratio >= 1.0:
+        return np.repeat(n[:, None], len(prof.roles), 1).astype(np.int32)
+    count = np.array([sum(not prof.is_full(l, h) for h in range(len(r))) for l, r in enumerate(prof.roles)], float)
+    top = np.array([max((w for h, w in enumerate(ws) if not prof.is_full(l, h) and w is not None), default=0.0)
+                    for l, ws in enumerate(prof.weights)], float)
+    target = np.floor((ratio * prof.num_heads - prof.num_full) * n)  # (t+1,) rows all compressed heads hold
+    clamped = np.zeros((t + 1, len(top)), bool)
+    for _ in range(len(top) + 1):  # layers whose cap reaches n keep n; the others share the rest
+        rest = target - (clamped * count * n[:, None]).sum(1)
+        denom = (~clamped * count * top).sum(1)
+        base = np.where(denom > 0, rest / np.maximum(denom, 1e-12), 0.0)
+        now = clamped | (base[:, None] * top >= n[:, None])
+        if (now == clamped).all():
+            break
+        clamped = now
+    caps = np.minimum(np.floor(base[:, None] * top + 1e-9), n[:, None])
+    return np.where(count > 0, caps, 0).astype(np.int32)
+
+
+def layer_plan(prof: Profile, ratio: float, layer: int, t: int, max_new: int, shards: int = 1,
+               caps_table: np.ndarray | None = None) -> LayerPlan:
     """The static layout of ``layer`` for prompts padded to ``t`` tokens and ``max_new`` new ones,
-    its heads split over ``shards`` devices (which must divide the KV heads)."""
+    its heads split over ``shards`` devices (which must divide the KV heads). ``caps_table``
+    (``layer_caps``) gives every compressed head its layer's cap instead of its own weight's."""
     hkv = len(prof.roles[layer])
     if hkv % shards:
         raise ValueError(f"{shards} shards do not divide the {hkv} KV heads of layer {layer}")
     full = tuple(ratio >= 1.0 or prof.is_full(layer, h) for h in range(hkv))
-    caps = tuple(prof.head_budget(layer, h, ratio, t) for h in range(hkv))
-    tables = tuple(np.array([prof.head_budget(layer, h, ratio, n) for n in range(t + 1)], np.int32)
-                   for h in range(hkv))
+    if caps_table is None:
+        caps = tuple(prof.head_budget(layer, h, ratio, t) for h in range(hkv))
+        tables = tuple(np.array([prof.head_budget(layer, h, ratio, n) for n in range(t + 1)], np.int32)
+                       for h in range(hkv))
+    else:
+        column = np.asarray(caps_table[:, layer], np.int32)
+        tables = tuple(np.arange(t + 1, dtype=np.int32) if full[h] else column for h in range(hkv))
+        caps = tuple(int(x[t]) for x in tables)
     compressing = ratio < 1.0 and prof.base_budget(ratio, t) >= 1
     monitored = tuple(prof.clusters[layer]) if compressing else ()
     sats = tuple(s for _, ss in monitored for s in ss)

@@ -1,0 +1,26 @@
+"""``hetero_fit``: ``hetero_plus`` on a fitted profile, with layer budgets and SnapKV's vote.
+
+Three changes over ``hetero_plus``, each measured in bench/results/accuracy/NOTES.md (issue #13):
+the default profile is the fitted one (profiles/fitted/, made with ``hetero-jax profile
+--max-full-fraction 0.1``: few full heads, so the compressed heads get most of the budget);
+``budget_by="layer"`` (a layer's compressed heads share its largest cap, the padding of the uniform
+block filled with tokens and charged, so device bytes stay r x full); ``select_window=32`` (the
+last 32 prompt queries vote for the compressed heads' tokens). Pivots, satellites, the drift
+check and the page refresh are ``hetero_plus``'s. A model without a shipped fitted profile needs
+``profile=...`` (the error says how to make one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from hetero_jax.cache.hetero_plus import HeteroPlus
+
+
+@dataclasses.dataclass(frozen=True)
+class HeteroFit(HeteroPlus):
+    name: ClassVar[str] = "hetero_fit"
+    fitted_profile: ClassVar[bool] = True
+    budget_by: str = "layer"
+    select_window: int = 32
