@@ -121,6 +121,27 @@ def test_torn_line_is_ignored_and_repaired(tmp_path):
     assert [r["sample"] for r in results.read_rows(rf.path)] == [0, 1]
 
 
+def test_a_sample_too_long_is_skipped_and_the_rest_still_run(tmp_path, tiny_cfg, tiny_params, monkeypatch, capsys):
+    """A sample whose prompt + answer budget exceeds the length (RULER's fwe #8 at 4K) gets no row and
+    a warning; the samples and tasks after it still run (it used to stop the whole run)."""
+    lm = types.SimpleNamespace(cfg=tiny_cfg, params=tiny_params, tokenizer=ByteTokenizer(), path="tiny")
+    original = Runner._samples
+
+    def with_one_too_long(self, task, length):
+        samples = {i: dict(s) for i, s in original(self, task, length).items()}
+        samples[1]["prompt"] = samples[1]["prompt"] + " filler" * length  # well past ``length`` tokens
+        return samples
+
+    monkeypatch.setattr(Runner, "_samples", with_one_too_long)
+    rc = RunConfig(policies=["full", "streaming:0.5"], tasks="passkey", lengths=[512], samples=3, out=tmp_path,
+                   template="base", progress=False)
+    assert Runner(rc, loaded=lm, model_name="tiny").run() == {"run": 4, "skipped": 0, "too_long": 2}
+    rows = results.read_rows(tmp_path / results.RESULTS_FILE)
+    assert sorted((r["policy"], r["sample"]) for r in rows) == [("full", 0), ("full", 2), ("streaming:0.5", 0),
+                                                                ("streaming:0.5", 2)]
+    assert "skipped passkey sample 1:" in capsys.readouterr().err
+
+
 def test_rerun_skips_finished_rows(tmp_path, tiny_cfg, tiny_params):
     lm = types.SimpleNamespace(cfg=tiny_cfg, params=tiny_params, tokenizer=ByteTokenizer(), path="tiny")
     rc = lambda n: RunConfig(policies=["full"], tasks="passkey", lengths=[512], samples=n, out=tmp_path,  # noqa: E731

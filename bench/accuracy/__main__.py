@@ -86,7 +86,9 @@ def main(argv=None) -> int:
     try:
         with folder_lock(args.out):  # held through the report too
             counts = Runner(rc).run()
-            print(f"{counts['run']} rows run, {counts['skipped']} already done -> {args.out / 'results.jsonl'}")
+            too_long = f", {counts['too_long']} skipped (prompt too long)" if counts.get("too_long") else ""
+            print(f"{counts['run']} rows run, {counts['skipped']} already done{too_long} -> "
+                  f"{args.out / 'results.jsonl'}")
             if not args.no_report:
                 from bench.accuracy.report import write_report
 

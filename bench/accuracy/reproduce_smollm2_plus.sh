@@ -3,7 +3,8 @@
 # RULER on the tasks where full KV scores > 20 at 4K (bench/results/accuracy/smollm2: niah_single_1-3,
 # niah_multikey_1, niah_multivalue, niah_multiquery, fwe, qa_1) for full, snapkv, streaming, duo, hetero
 # and hetero_plus at r = 0.5 (as is, and with refresh_when=own: each satellite's own page check decides
-# when it refreshes), with the ablation rows of hetero_plus's two ingredients alone (sink/recent
+# when it refreshes) and hetero_fit (hetero_plus on the fitted profile, budget_by=layer, select_window=32),
+# with the ablation rows of hetero_plus's two ingredients alone (sink/recent
 # with the pivot's refresh; own-query page refresh without sink/recent); teacher-forced fidelity at 4K
 # and 8K for the seven main policies.
 # Resumable, and it runs in rounds of growing sample counts, RULER and fidelity interleaved, so a
@@ -19,7 +20,7 @@ SAMPLES=${SAMPLES:-12}
 WINDOWS=${WINDOWS:-16}
 POSITIONS=${POSITIONS:-64}
 TASKS=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,niah_multiquery,fwe,qa_1
-MAIN=full,snapkv:0.5,streaming:0.5,hetero:0.5,duo:0.5,hetero_plus:0.5,hetero_plus:0.5:refresh_when=own
+MAIN=full,snapkv:0.5,streaming:0.5,hetero:0.5,duo:0.5,hetero_plus:0.5,hetero_plus:0.5:refresh_when=own,hetero_fit:0.5
 ABLATION=hetero:0.5:sink=4:recent=64:refresh_select=topk,hetero:0.5:refresh_by=pages
 RUN=("$PY" -m bench.accuracy --out "$OUT" --quiet --no-report)
 

@@ -200,8 +200,12 @@ class Runner:
         for i, policies in by_sample.items():
             s = samples[i]
             ids = synthetic.encode(tok, s["prompt"])
-            if len(ids) + s["max_new_tokens"] > length:
-                raise RunError(f"{task} sample {i}: {len(ids)} prompt tokens + {s['max_new_tokens']} exceed {length}")
+            if len(ids) + s["max_new_tokens"] > length:  # skipped, not fatal: the other samples still run
+                print(f"skipped {task} sample {i}: {len(ids)} prompt tokens + {s['max_new_tokens']} new exceed "
+                      f"{length}; no row is written for it", file=sys.stderr)
+                self.counts["too_long"] = self.counts.get("too_long", 0) + len(policies)
+                self.bar.update(len(policies))
+                continue
             # one forward pass per sample feeds every policy (prefill attention is the same for all)
             shared = prefill_once(lm.params, [ids], config=lm.cfg, pad_multiple=1024) if len(policies) > 1 else None
             for policy in policies:
