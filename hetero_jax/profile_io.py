@@ -270,7 +270,7 @@ def shipped_profile(cfg: LlamaConfig, fitted: bool = False) -> Profile:
         found.append(prof.model.get("name", p.stem))
         if prof.model.get("fingerprint") == want:
             return prof
-    kind, how = ("fitted ", " --max-full-fraction 0.1") if fitted else ("", "")
+    kind, how = ("fitted ", " --max-full-fraction 0.05") if fitted else ("", "")
     raise ProfileError(
         f"no shipped {kind}HeteroCache profile matches this model (shipped: {', '.join(found) or 'none'}); "
         f"make one with `hetero-jax profile --model ...{how} --out PROFILE.json` and pass profile=PROFILE.json "

@@ -236,7 +236,7 @@ def test_hetero_fit_defaults_to_the_shipped_fitted_profile():
     assert make_policy("hetero_plus", SMOLLM2, ratio=0.5).roles == plain.roles
     assert sorted(p.name for p in FITTED_DIR.glob("*.json")) == ["smollm2-135m-instruct.json"]
     other = dataclasses.replace(SMOLLM2, num_layers=4)
-    with pytest.raises(ProfileError, match="no shipped fitted HeteroCache profile.*--max-full-fraction 0.1"):
+    with pytest.raises(ProfileError, match="no shipped fitted HeteroCache profile.*--max-full-fraction 0.05"):
         make_policy("hetero_fit", other, ratio=0.5)
 
 
