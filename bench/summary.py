@@ -86,6 +86,9 @@ ACCURACY_TARGETS = (
     # hetero_plus as is and with each satellite's own trigger, and hetero_fit
     *(target for plus in (_PLUS, _PLUS_OWN, _FIT) for target in _plus_targets(plus)),
     ("ruler_pct_of_full", dict(policy="hetero_plus:0.4", length=4096, min=95.0, source="smollm2-plus"), "#13"),
+    ("ruler_pct_of_full", dict(policy="hetero_fit:0.4", length=4096, min=95.0, source="smollm2-plus"), "#13"),
+    ("ruler_paired_above", dict(policy="hetero_fit:0.4", other="snapkv:0.4", length=4096, source="smollm2-plus"),
+     "#13"),
 )
 PLOT_POLICIES = ("full", "hetero:0.5", "snapkv:0.5")  # ms/token against context in decode-summary.png
 

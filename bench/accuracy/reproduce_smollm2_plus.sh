@@ -35,5 +35,7 @@ for n in 6 8 10 12; do if [ "$n" -le "$SAMPLES" ]; then ruler "$n"; fi; done
 for n in 4 8 16; do
   if [ "$n" -le "$WINDOWS" ]; then fidelity 4096 "$n"; fidelity 8192 "$n"; fi
 done
+# r = 0.4 (the "if it also holds"): hetero_fit against snapkv, RULER only
+"${RUN[@]}" --policies hetero_fit:0.4,snapkv:0.4 --tasks "$TASKS" --lengths 4096 --samples "$SAMPLES"
 "$PY" -m bench.accuracy.report "$OUT"
 if [ "$OUT" = bench/results/accuracy/smollm2-plus ]; then "$PY" -m bench.summary; fi
