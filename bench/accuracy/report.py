@@ -232,6 +232,22 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def _main_labels(rows: list[dict]) -> list[str]:
+    """The labels a plot shows: those with at least half the rows of the best-covered one, so short
+    screening runs (a few windows of a variant) stay in the tables and out of the pictures."""
+    counts = collections.Counter(label(r) for r in rows)
+    most = max(counts.values(), default=0)
+    return [lb for lb in _order(label(r) for r in rows) if 2 * counts[lb] >= most]
+
+
+def _legend(fig, axes) -> None:
+    """One legend under the axes (profile paths shortened): inside, a dozen entries hid the data."""
+    fig.tight_layout()  # first, so the figure's bottom edge is below the tick labels
+    handles, names = axes[0].get_legend_handles_labels()
+    names = [n.replace("profile=bench/accuracy/profiles/", "profile=") for n in names]
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
+
+
 def plots(rows: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -239,20 +255,20 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    labels = _order(label(r) for r in rows)
+    labels = _main_labels([r for r in rows if r["task"] in ruler.TASKS])
     by = group(rows, "length", "task", "label")
     rtasks = [t for t in ruler.TASKS if any(r["task"] == t for r in rows)]
     for length in sorted({r["length"] for r in rows if r["task"] in rtasks}):
-        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rtasks) * max(1, len(labels)) / 2), 3.5))
+        fig, ax = plt.subplots(figsize=(max(7, 2 + 0.12 * len(rtasks) * len(labels)), 3.5))
         w = 0.8 / len(labels)
         for j, lb in enumerate(labels):
             ys = [_mean(r["score"] for r in by.get((length, t, lb), [])) for t in rtasks]
-            ax.bar(np.arange(len(rtasks)) + j * w, ys, w, label=lb)
+            ax.bar(np.arange(len(rtasks)) + j * w, ys, w, label=lb, color=plt.get_cmap("tab20")(j % 20))
         ax.set_xticks(np.arange(len(rtasks)) + 0.4 - w / 2, rtasks, rotation=45, ha="right")
         ax.set_ylim(0, 100)
         ax.set_ylabel("score")
         ax.set_title(f"RULER, {length} tokens")
-        ax.legend(fontsize=8)
+        _legend(fig, [ax])
         made.append(_save(fig, out / f"ruler_{length}.png"))
         plt.close(fig)
     needle = [r for r in rows if r["task"] == "needle"]
@@ -280,16 +296,18 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     if fid:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         g = group(fid, "label", "length")
-        for lb in _order(label(r) for r in fid):
+        for j, lb in enumerate(_main_labels(fid)):
             ls = sorted(length for (l2, length) in g if l2 == lb)
-            axes[0].plot(ls, [_mean(r["metrics"]["kl_mean"] for r in g[(lb, n)]) for n in ls], "o-", label=lb)
+            color = plt.get_cmap("tab20")(j % 20)  # the default cycle repeats after 10 policies
+            axes[0].plot(ls, [_mean(r["metrics"]["kl_mean"] for r in g[(lb, n)]) for n in ls], "o-", label=lb,
+                         color=color)
             top1 = [_mean(100 * r["metrics"]["top1_agreement"] for r in g[(lb, n)]) for n in ls]
-            axes[1].plot(ls, top1, "o-", label=lb)
+            axes[1].plot(ls, top1, "o-", label=lb, color=color)
         axes[0].set_ylabel("KL(full || policy), nats")
         axes[1].set_ylabel("top-1 agreement with full (%)")
         for ax in axes:
             ax.set_xlabel("context length")
-            ax.legend(fontsize=8)
+        _legend(fig, axes)
         made.append(_save(fig, out / "fidelity.png"))
         plt.close(fig)
     return made
