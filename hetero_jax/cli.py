@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from convert import interrupts
 
@@ -251,6 +252,9 @@ def _quiet_libraries() -> None:
     for name in ("absl", "orbax", "asyncio", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda u: log.debug("ignored in %r: %s", u.object, u.exc_value)
+    # A failed orbax write can leave its fragment coroutine un-awaited; Python reports it when the
+    # coroutine is collected, often at interpreter exit, after our one error line.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def main(argv=None) -> int:
