@@ -26,6 +26,11 @@ SUITES = {"ruler": ruler.TASKS, "needle": ("needle",), "passkey": ("passkey",), 
 ALL_TASKS = tuple(t for group in SUITES.values() for t in group)
 
 
+# per-decode-step masks (one bool per step) are for bench.decode's step timing; an accuracy row keeps
+# the counts, not the masks (they were 40% of the results file's bytes)
+PER_STEP_STATS = ("check_step_mask", "refresh_step_mask")
+
+
 class RunError(ValueError):
     """Bad run options (unknown task or policy, a length the model cannot hold, ...)."""
 
@@ -256,7 +261,7 @@ class Runner:
                              extra={"window_start": start})
 
     def _append(self, policy, task, length, sample, *, stats, timing, **fields) -> None:
-        stats = dict(stats or {})
+        stats = {k: v for k, v in (stats or {}).items() if k not in PER_STEP_STATS}
         row = {
             "model": self.model_name, "policy": policy, "ratio": self.rc.ratio_for(policy), "task": task,
             "suite": suite_of(task), "length": length, "sample": sample, "seed": self.rc.seed,
