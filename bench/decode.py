@@ -7,7 +7,8 @@
     python -m bench.decode --model random:llama-3.2-1b --contexts 16384,32768 --policies full,hetero:0.5
                                                          # KV-dominated: 16 layers, 32 q / 8 KV heads, d 64
 
-Every row: prefill seconds and decode ms/token (medians over --repeats runs, compile excluded),
+Every row: prefill seconds and decode ms/token (medians over --repeats runs, compile excluded; the
+repeats go round-robin over the policies, so a drift in the machine's speed hits them all alike),
 KV bytes on device and host, bytes read per step, measured read bandwidth in the same run, and
 the roofline fraction (bytes read / bandwidth over the measured step time). HeteroCache rows also
 give the median ms of drift-check steps, refresh steps and other steps, each as a multiple of the
@@ -127,29 +128,43 @@ def run_ours(cfg, params, policies, context, batch, new_tokens, repeats, seed=0,
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(100, cfg.vocab_size, context).tolist() for _ in range(batch)]
     shared = prefill_once(params, prompts, config=cfg)
-    rows = []
+    built = []
     for spec in policies:
         name, ratio, options = parse_policy_spec(spec)
         if policy_class(name).needs_profile and synthetic and "profile" not in options:
             options["profile"] = speed_profile(cfg)
-        policy = make_policy(name, cfg, ratio=ratio, **options)
-        kw = dict(config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[], progress=False)
-        dec, build = [], []
-        for _ in range(repeats + 1):  # the first run pays compilation (timed apart by generate anyway)
-            res = generate(params, prompts, policy, options=RunOptions(prefilled=shared), **kw)
-            dec.append(res.timing["decode_ms_per_token"])
-            build.append(res.timing["prefill_s"] - shared.prefill_s)
-            del res
+        built.append((spec, make_policy(name, cfg, ratio=ratio, **options)))
+    kw = dict(config=cfg, max_new_tokens=new_tokens + 1, stop_tokens=[], progress=False)
+
+    def once(policy, **opts):
+        res = generate(params, prompts, policy, options=RunOptions(prefilled=shared, **opts), **kw)
+        out = res.timing["decode_ms_per_token"], res.timing["prefill_s"] - shared.prefill_s, res
+        del res
+        return out
+
+    for _, policy in built:  # the first run of each pays compilation (timed apart by generate anyway)
+        once(policy)
+        gc.collect()
+    # Round-robin repeats, the order rotated each round: the box's speed drifts over minutes (a
+    # shared VM), and policies timed back to back would each get a different stretch of it.
+    dec, build = {spec: [] for spec, _ in built}, {spec: [] for spec, _ in built}
+    for r in range(repeats):
+        for spec, policy in built[r % len(built):] + built[: r % len(built)]:
+            ms, b, _ = once(policy)
+            dec[spec].append(ms)
+            build[spec].append(b)
             gc.collect()
-        timed = generate(params, prompts, policy, options=RunOptions(prefilled=shared, step_times=True), **kw)
+    rows = []
+    for spec, policy in built:
+        _, _, timed = once(policy, step_times=True)
         step_ms, stats = np.asarray(timed.timing["step_ms"]), timed.stats
         row = {
             "policy": spec,
             "context": context,
             "batch": batch,
             "prefill_s": shared.prefill_s,
-            "cache_build_s": statistics.median(build[1:]),
-            "decode_ms": statistics.median(dec[1:]),
+            "cache_build_s": statistics.median(build[spec]),
+            "decode_ms": statistics.median(dec[spec]),
             "device_kv_bytes": stats["device_bytes"],
             "host_kv_bytes": stats["host_bytes"],
             "compile_s": shared.compile_s + timed.timing.get("decode_compile_s", 0),

@@ -63,3 +63,20 @@ def test_run_ours_tiny_rows(seed):
     assert {"check_step_ms", "refresh_step_ms", "other_step_ms"} <= set(het)
     assert het["check_vs_other"] == pytest.approx(het["check_step_ms"] / het["other_step_ms"])
     assert het["alloc_vs_budget"] == pytest.approx(stats["prompt_slots_device"] / (0.5 * stats["prompt_slots_full"]))
+
+
+def test_run_ours_times_the_policies_round_robin(seed, monkeypatch):
+    """Each policy is compiled once, then the timed repeats alternate between the policies (order
+    rotated every round), so a drift in the machine's speed is shared, not given to one policy."""
+    import hetero_jax.generate as gen
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
+                      eos_token_ids=())
+    params = init_random_params(cfg, seed, scale=0.1)
+    calls, real = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda p, t, policy, **kw: calls.append(policy.name) or real(p, t, policy, **kw))
+    rows = decode.run_ours(cfg, params, ["full", "streaming:0.5", "snapkv:0.5"], 64, 1, 2, 4, seed=seed)
+    f, s, k = "full", "streaming", "snapkv"
+    assert calls == [f, s, k,  f, s, k,  s, k, f,  k, f, s,  f, s, k,  f, s, k]
+    assert [r["policy"] for r, _ in rows] == ["full", "streaming:0.5", "snapkv:0.5"]
