@@ -207,6 +207,74 @@ def test_sink_and_recent_rows_always_kept(seed, refresh_by):
                     assert (np.diff(pos) > 0).all()
 
 
+def np_forced_order(tok, n, sink, recent):
+    """float64 reference of the order a compressed head keeps prompt positions in: the first
+    min(sink, n) positions, then the last ``recent`` newest first, then the rest by score (ties to
+    the lowest position); positions >= n never."""
+    sinks = list(range(min(sink, n)))
+    rec = [i for i in range(n - 1, max(n - recent, 0) - 1, -1) if i not in sinks]
+    rest = [int(i) for i in np.argsort(-tok[:n], kind="stable") if i not in sinks and i not in rec]
+    return np.array(sinks + rec + rest)
+
+
+@pytest.mark.parametrize("shape", ["short", "long"])
+def test_force_kept_orders_sinks_then_newest_then_scores(seed, shape):
+    """A head's cap can be below sink + recent (a chat prompt of a few dozen tokens): it must then
+    keep the sinks and the newest tokens (the question), not the lowest positions."""
+    rng = np.random.default_rng(seed)
+    b, h, t = 3, 2, 96
+    sink, recent = int(rng.integers(0, 6)), int(rng.integers(1, 70))
+    hi = min(sink + recent, t) if shape == "short" else t
+    lengths = rng.integers(1, hi + 1, size=b).astype(np.int32)
+    scores = rng.random((b, h, t)).astype(np.float32)
+    scores[:, :, 7] = scores[:, :, 11]  # a tie among the scored tokens
+    got = np.asarray(hetero_pages.force_kept(jnp.asarray(scores), jnp.asarray(lengths), sink, recent))
+    for bi in range(b):
+        n = int(lengths[bi])
+        for hi_ in range(h):
+            want = np_forced_order(scores[bi, hi_].astype(np.float64), n, sink, recent)
+            for cap in sorted({1, max(n // 2, 1), n}):  # what a top-cap keeps
+                order = jnp.argsort(-jnp.where(jnp.arange(t) < n, jnp.asarray(got[bi, hi_]), -jnp.inf),
+                                    stable=True)
+                _, kept = jax.lax.top_k(jnp.where(jnp.arange(t) < n, jnp.asarray(got[bi, hi_]), -jnp.inf), cap)
+                assert set(np.asarray(kept).tolist()) == set(want[:cap].tolist()), (bi, hi_, n, cap)
+                np.testing.assert_array_equal(np.asarray(order)[:n], want)
+
+
+@pytest.mark.parametrize("refresh_by", ["pages", "pivot"])
+def test_a_prompt_shorter_than_sink_plus_recent_keeps_sinks_and_newest(seed, refresh_by):
+    """hetero_plus's defaults (sink 4, recent 64) on prompts of a few dozen tokens: every compressed
+    head's cap is below sink + recent, so after prefill and after each refresh it holds the sinks
+    and its newest prompt tokens (a chat prompt's question), nothing older."""
+    rng = np.random.default_rng(seed)
+    cfg = make_cfg(layers=2, kv=4)
+    prof = random_profile(cfg, rng, [([(0, [1, 2])], "aaaa"), ([(2, [3])], "avaa")])
+    params = init_random_params(cfg, seed, scale=0.3)
+    t = 48
+    lengths = [int(rng.integers(30, t + 1)), int(rng.integers(12, 30))]
+    pol = HeteroPlus.create(cfg, ratio=0.5, profile=prof, threshold=1.0, steps=2, refresh_by=refresh_by)
+    caches, last = run_copies(params, cfg, pol, prompts(rng, lengths, t), lengths, 5)
+    assert pol.stats(last)["refreshes"] > 0
+    host = caches[-1].host.kv
+    checked = 0
+    for l in range(2):
+        p = pol.plan(l, t, 6)
+        for cache in caches:
+            st = cache.layers[l]
+            for h in p.sats:
+                for bi, n in enumerate(lengths):
+                    kp = int(np.asarray(st.keep)[bi, h])
+                    assert kp < min(4 + 64, n)
+                    if kp == 0:  # the random profile's budget at this length
+                        continue
+                    keys = np.asarray(host[l][0])[bi, p.sats.index(h), :n]
+                    pos = _rows_to_positions(np.asarray(st.comp_k)[bi, p.slots[h], :kp], keys)
+                    want = list(range(min(4, kp))) + list(range(n - (kp - min(4, kp)), n))
+                    np.testing.assert_array_equal(pos, want, err_msg=str((l, h, bi, n, kp)))
+                    checked += 1
+    assert checked >= len(caches)
+
+
 # ------------------------------------------------------------------------------------ page bounds
 def np_page_scores(q, keys, n, page):
     """float64: q (G, D), keys (T, D), n real rows -> per page max over the group of
@@ -298,10 +366,7 @@ def test_page_selection_matches_numpy(seed):
                 assert not m[bi, i].any()
                 continue
             tok = np.repeat(score[bi, p.sats.index(j)].astype(np.float64), page)[:t]
-            tok[:sink] = np.inf
-            tok[max(n - recent, 0):n] = np.inf
-            tok[n:] = -np.inf
-            want = np.sort(np.argsort(-tok, kind="stable")[:kj])
+            want = np.sort(np_forced_order(tok, n, sink, recent)[:kj])
             assert m[bi, i].sum() == kj
             np.testing.assert_array_equal(pos[bi, i, :kj], want)
 

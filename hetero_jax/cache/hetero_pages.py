@@ -5,7 +5,7 @@ Both are options of the ``hetero`` policy (``sink``, ``recent``, ``refresh_by="p
 ``page_size``); ``hetero_plus`` turns them on together. The faithful defaults never call into here.
 
 * ``force_kept``: token scores with the first ``sink`` and last ``recent`` real prompt tokens
-  forced to the top (+inf), used wherever a compressed head picks tokens (prefill and refresh).
+  forced to the top (graded: sinks, then newest first), used wherever a compressed head picks tokens (prefill and refresh).
 * Page bounds: for each satellite, per page of ``page_size`` prompt tokens, the elementwise min
   and max of its keys (B, S, pages, D) stay on device (2 x D values per page: one KV row's bytes,
   so 1/page_size of the satellite's full prompt KV, and the budgets shrink to pay for them).
@@ -51,15 +51,26 @@ class PageState:
     refreshes: Any = None  # (S,) int32 checks at which each satellite refreshed (any sequence)
 
 
+FORCED = 1e30  # forced tokens score FORCED x their rank: above any attention score or page bound
+
+
 def force_kept(scores, lengths, sink: int, recent: int):
-    """scores (B, H, T) -> the same with positions < sink and in [L - recent, L) set to +inf;
-    lengths (B,) or (B, H); positions past L untouched (callers mask them)."""
+    """scores (B, H, T) -> f32 scores with the first ``sink`` and last ``recent`` real prompt tokens
+    above every other; lengths (B,) or (B, H); positions past L untouched (callers mask them).
+
+    Forced tokens are graded, not tied: the sink tokens first (in position order), then the recent
+    ones newest first. A head whose cap is below sink + recent (a short prompt) keeps the sinks
+    and the newest tokens, where the question of a chat prompt sits; a tie would have kept the
+    lowest positions and dropped the question."""
     if not sink and not recent:
         return scores
-    pos = jnp.arange(scores.shape[-1])
+    t = scores.shape[-1]
+    pos = jnp.arange(t)
     lengths = lengths.reshape(lengths.shape + (1,) * (scores.ndim - lengths.ndim))
-    forced = ((pos < sink) | (pos >= lengths - recent)) & (pos < lengths)
-    return jnp.where(forced, jnp.inf, scores)
+    real = pos < lengths
+    is_sink, is_recent = (pos < sink) & real, (pos >= lengths - recent) & real
+    rank = jnp.where(is_sink, 2 * t - pos, pos + 1).astype(jnp.float32)  # sinks 2T..T+1, recent 1..T
+    return jnp.where(is_sink | is_recent, FORCED * rank, scores.astype(jnp.float32))
 
 
 def num_pages(t: int, page: int) -> int:
@@ -91,7 +102,7 @@ def page_scores(q, kmin, kmax, plen, page: int):
 
 def token_scores(score, plen, t: int, page: int, sink: int, recent: int):
     """Page scores (B, S, pages) -> token scores (B, S, t): each token its page's bound, forced
-    sink/recent tokens +inf, positions past the prompt -inf."""
+    sink/recent tokens above all (``force_kept``), positions past the prompt -inf."""
     tok = jnp.repeat(score, page, axis=-1)[..., :t]
     tok = force_kept(tok, plen, sink, recent)
     return jnp.where(jnp.arange(t)[None, None, :] < plen[:, None, None], tok, -jnp.inf)
