@@ -309,13 +309,15 @@ def test_option_errors_and_defaults(seed):
     assert (default.trigger, default.refresh_select) == ("sequence", "authors")  # batch-invariant, the authors' rows
 
 
-def test_select_window_keeps_the_window_and_snapkv_votes(seed):
+@pytest.mark.parametrize("kernel", [5, 1, 9])
+def test_select_window_keeps_the_window_and_snapkv_votes(seed, kernel):
     """select_window=w: each compressed head keeps the last w prompt tokens plus the top votes of the
-    window's queries (numpy float64 reference of the rule), pivots' reference sets unchanged."""
+    window's queries pooled over ``select_kernel`` keys (numpy float64 reference of the rule),
+    pivots' reference sets unchanged."""
     rng, cfg, prof, params, lengths, toks = setup(seed, layers=2)
     w = 4
     base = HeteroCache.create(cfg, ratio=0.5, profile=prof)
-    pol = HeteroCache.create(cfg, ratio=0.5, profile=prof, select_window=w)
+    pol = HeteroCache.create(cfg, ratio=0.5, profile=prof, select_window=w, select_kernel=kernel)
     q, k, v = (np.asarray(x, np.float64) for x in model.prefill_qkv(params, jnp.asarray(toks), jnp.asarray(lengths, jnp.int32), cfg=cfg)[1][0])
     kv_w = pol.build_layer(0, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(lengths), 4)
     kv_1 = base.build_layer(0, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(lengths), 4)
@@ -334,10 +336,12 @@ def test_select_window_keeps_the_window_and_snapkv_votes(seed):
                 e = np.exp(s - s.max(-1, keepdims=True))
                 probs[:, : qi + 1] += e / e.sum(-1, keepdims=True)
             probs[:, n - ww:] = 0.0
-            pooled = np.stack([np.convolve(r, np.ones(5) / 5, mode="same") for r in probs]).max(0)[:n]
+            pooled = np.stack([np.convolve(r, np.ones(kernel) / kernel, mode="same") for r in probs]).max(0)[:n]
             order = [i for i in np.lexsort((np.arange(n), -pooled)) if i < n - ww]
             want = sorted(set(range(n - ww, n)) | set(order[: keeps[comp.index(h)] - ww]))
             got_k = np.asarray(head_rows(p, kv_w, h)[0])[b, : keeps[comp.index(h)]]
             np.testing.assert_allclose(got_k, k[b, want, h], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="select_window"):
         HeteroCache.create(cfg, ratio=0.5, profile=prof, select_window=0)
+    with pytest.raises(ValueError, match="odd"):
+        HeteroCache.create(cfg, ratio=0.5, profile=prof, select_window=w, select_kernel=4)

@@ -17,7 +17,8 @@ batch mates) or "batch" (the authors' batch-mean overlap); ``refresh_select`` "a
 ``stagger`` (layer l checks at phase l mod ``steps``: the same rate, spread over steps); ``lag`` 1
 (rows used from the step after the check, as the authors) or 2 (selected and gathered while that
 step runs, written before the next); ``select_window`` w > 1 (SnapKV's rule for the compressed
-heads: the last w prompt queries vote, their tokens kept; pivots' reference sets unchanged);
+heads: the last w prompt queries vote, their tokens kept; pivots' reference sets unchanged;
+``select_kernel`` the votes' pooling width);
 ``threshold_mode`` "fixed" or "rate" (``target_rate``, ``rate_gain``: ``hetero_drift``);
 ``offload`` (satellites' prompt KV in ``pinned_host`` memory).
 
@@ -51,7 +52,7 @@ from hetero_jax.cache.hetero_drift import in_position_order
 from hetero_jax.cache.hetero_monitor import (checks_at, finish_step, group_max_scores, init_drift, monitor,
                                              record_logits)
 from hetero_jax.cache.hetero_pool import LayerPlan, append_and_attend, layer_caps, layer_plan, store_prompt
-from hetero_jax.cache.selection import forced_scores, head_major, window_votes
+from hetero_jax.cache.selection import check_kernel, forced_scores, head_major, window_votes
 from hetero_jax.profile_io import Profile, as_profile
 
 CHOICES = {"trigger": ("sequence", "batch"), "refresh_select": ("authors", "topk"),
@@ -76,6 +77,7 @@ class HeteroCache(CachePolicy):
     stagger: bool = False
     lag: int = 1  # steps from a check to the step that first uses the refreshed rows
     select_window: int = 1  # prompt queries that pick compressed heads' tokens (1: the reference)
+    select_kernel: int = 5  # select_window > 1: width of the votes' average pooling (SnapKV's kernel)
     threshold_mode: str = "fixed"
     target_rate: float = 0.15  # "rate": fraction of pivot checks that refresh
     rate_gain: float = 0.2  # "rate": threshold change per check per unit rate error
@@ -125,6 +127,7 @@ class HeteroCache(CachePolicy):
         if not (isinstance(self.select_window, int) and self.select_window >= 1):
             raise ValueError(f"select_window (prompt queries voting for kept tokens) must be an int >= 1, "
                              f"got {self.select_window!r}")
+        check_kernel(self.select_kernel)
         if not (0.0 < self.target_rate < 1.0 and self.rate_gain > 0.0):
             raise ValueError(f"need 0 < target_rate < 1 and rate_gain > 0, got {self.target_rate}, {self.rate_gain}")
         for option in ("sink", "recent", "page_size"):
@@ -203,7 +206,7 @@ class HeteroCache(CachePolicy):
         window's own tokens are always kept, w clipped to the smallest compressed budget of the
         sequence so every head keeps its whole window."""
         w = jnp.minimum(self.select_window, keeps.min(1))  # (B,)
-        votes = window_votes(q, k, lengths, self.select_window, 5, "max", w)
+        votes = window_votes(q, k, lengths, self.select_window, self.select_kernel, "max", w)
         return forced_scores(votes, lengths, lengths - w)
 
     def decode_layer(self, layer, st, q, k, v, cache: Cache):
