@@ -84,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "hetero_plus = hetero with sink=4 recent=64 (compressed heads always keep them) "
                    "refresh_by=pages page_size=32 (satellites refresh by their own queries against per-page key "
                    "bounds; add refresh_when=own to let each satellite's own page check decide when); hetero_fit = hetero_plus "
-                   "on the shipped fitted profile (few whole heads) with budget_by=layer select_window=32 (issue #13's best); "
+                   "on the shipped fitted profile (few whole heads) with budget_by=layer select_window=32 select_kernel=15 (issue #13's best); "
                    "duo: profiled retrieval heads full, the rest n_sink=4 + a recent window "
                    "(heads=roles|unstable). Options of each policy: README, 'Cache policies'")
     p.add_argument("--ratio", type=float, default=None,

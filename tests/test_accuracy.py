@@ -143,19 +143,21 @@ def test_a_sample_too_long_is_skipped_and_the_rest_still_run(tmp_path, tiny_cfg,
 
 
 def test_rows_keep_the_stats_but_not_the_per_step_masks(tmp_path, tiny_cfg, tiny_params, monkeypatch):
-    """A policy's per-decode-step masks (bench.decode's) stay out of the results file; its counts stay."""
+    """A policy's per-decode-step masks (bench.decode's) and per-pivot breakdown stay out of the results
+    file (the 5 MB per-file limit); its totals stay."""
     from hetero_jax.cache.streaming import StreamingLLM
 
     lm = types.SimpleNamespace(cfg=tiny_cfg, params=tiny_params, tokenizer=ByteTokenizer(), path="tiny")
     stats = StreamingLLM.stats
     monkeypatch.setattr(StreamingLLM, "stats", lambda self, cache: {
-        **stats(self, cache), "checks": 3, "check_step_mask": [True] * 9, "refresh_step_mask": [False] * 9})
+        **stats(self, cache), "checks": 3, "check_step_mask": [True] * 9, "refresh_step_mask": [False] * 9,
+        "per_pivot": [{"layer": 0, "pivot": 0, "checks": 3}]})
     rc = RunConfig(policies=["streaming:0.5"], tasks="passkey", lengths=[512], samples=1, out=tmp_path,
                    template="base", progress=False)
     Runner(rc, loaded=lm, model_name="tiny").run()
     (row,) = results.read_rows(tmp_path / results.RESULTS_FILE)
     assert row["stats"]["checks"] == 3 and row["device_bytes"] > 0
-    assert not {"check_step_mask", "refresh_step_mask"} & set(row["stats"])
+    assert not {"check_step_mask", "refresh_step_mask", "per_pivot"} & set(row["stats"])
 
 
 def test_rerun_skips_finished_rows(tmp_path, tiny_cfg, tiny_params):

@@ -221,7 +221,7 @@ def test_profile_json_round_trip_and_refusals(tiny_profile, tmp_path):
 
 def test_hetero_fit_defaults_to_the_shipped_fitted_profile():
     """``hetero_fit`` loads profiles/fitted/ (made with --max-full-fraction, so F/N within it), runs
-    budget_by="layer" and select_window=32, and a model without a fitted profile gets a clear error."""
+    budget_by="layer", select_window=32 and select_kernel=15, and a model without a fitted profile gets a clear error."""
     from hetero_jax.cache import make_policy
     from hetero_jax.profile_io import FITTED_DIR
 
@@ -232,7 +232,8 @@ def test_hetero_fit_defaults_to_the_shipped_fitted_profile():
     assert fitted.params["topk"] == plain.params["topk"] and fitted.model == plain.model
     pol = make_policy("hetero_fit", SMOLLM2, ratio=0.5)
     assert pol.roles == fitted.roles and pol.roles != plain.roles
-    assert (pol.budget_by, pol.select_window, pol.refresh_by, pol.sink, pol.recent) == ("layer", 32, "pages", 4, 64)
+    assert (pol.budget_by, pol.select_window, pol.select_kernel, pol.refresh_by, pol.sink, pol.recent) == (
+        "layer", 32, 15, "pages", 4, 64)
     assert make_policy("hetero_plus", SMOLLM2, ratio=0.5).roles == plain.roles
     assert sorted(p.name for p in FITTED_DIR.glob("*.json")) == ["smollm2-135m-instruct.json"]
     other = dataclasses.replace(SMOLLM2, num_layers=4)
